@@ -1,3 +1,21 @@
-"""e1min: fine-tune Profluent's E1 to predict metal-binding residues."""
+"""e1min: fine-tune Profluent's E1 protein language model to predict metal-binding residues.
+
+Importing e1min has no side effects: no logging setup, no threads, no downloads.
+"""
+
+from e1min.config import E1Config
+from e1min.hub import load_model
+from e1min.model import E1ForMaskedLM, E1Model, E1Output
+from e1min.tokenizer import prepare_batch
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "E1Config",
+    "E1Model",
+    "E1ForMaskedLM",
+    "E1Output",
+    "load_model",
+    "prepare_batch",
+]

@@ -1,0 +1,52 @@
+# e1min — common tasks. Everything runs in a local virtualenv ($(VENV)).
+#   make test                  install (first time) and run the whole test suite
+#   make train                 demo run: tiny random E1 + generated demo data, CPU, a few minutes
+#   make train NGPU=4 CONFIG=configs/e1_binding.yaml   real run on 4 GPUs (torchrun)
+#   make bench                 benchmark tables (model forward, training step, batching)
+# TORCH_SPEC picks the torch build. The default pins the CPU wheel these machines carry;
+# on a GPU box use e.g. `make install TORCH_SPEC=torch` (PyPI's Linux wheel is the CUDA build).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= test,plot
+NGPU       ?= 1
+CONFIG     ?= configs/demo.yaml
+ARGS       ?=
+DEMO_DIR   ?= demo_data
+
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test train demo-data bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Demo inputs are generated, never downloaded: a synthetic dataset and a tiny random E1.
+$(DEMO_DIR)/.done: $(STAMP) e1min/data/demo.py tools/make_demo_dataset.py
+	$(PY) tools/make_demo_dataset.py --out $(DEMO_DIR)/data
+	$(PY) tools/make_random_checkpoint.py $(DEMO_DIR)/tiny-e1 --preset tiny --seed 0
+	touch $@
+
+demo-data: $(DEMO_DIR)/.done
+
+train: $(STAMP) $(if $(findstring demo,$(CONFIG)),$(DEMO_DIR)/.done)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m e1min.train --config $(CONFIG) $(ARGS)
+
+bench: $(STAMP)
+	$(PY) tools/bench_model.py
+	$(PY) tools/bench_train.py
+	$(PY) tools/bench_batching.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) results/demo .pytest_cache

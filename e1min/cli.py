@@ -1,0 +1,92 @@
+"""The ``e1min`` command: train / predict / evaluate / embed / check-data / verify-lora / info.
+
+Each subcommand is a thin shell around a library function; user errors (bad files, bad config,
+bad checkpoints) print one clear message on stderr and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+
+def _info(args: argparse.Namespace) -> int:
+    from e1min.hub import load_model
+
+    model = load_model(args.checkpoint, revision=args.revision, device="meta" if args.meta else None)
+    cfg = model.config
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    n = sum(p.numel() for p in model.parameters())
+    kinds = ["global" if layer.is_global else "within" for layer in model.model.layers]
+    print(f"checkpoint: {args.checkpoint}")
+    print(f"parameters: {n:,} ({n / 1e6:.1f}M), dtype: {', '.join(dtypes)}")
+    print(f"layers: {len(kinds)} ({kinds.count('within')} within-sequence, {kinds.count('global')} global: {[i for i, k in enumerate(kinds) if k == 'global']})")
+    print("config:")
+    for k, v in cfg.to_dict().items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from e1min.train import main as train_main
+
+    return train_main(args.rest)
+
+
+def _forward(module: str, func: str = "main") -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(args.rest)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from e1min import __version__
+
+    p = argparse.ArgumentParser(prog="e1min", description="Fine-tune E1 to predict metal-binding residues.")
+    p.add_argument("--version", action="version", version=f"e1min {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print a checkpoint's config, parameter count, dtype and layer types")
+    info.add_argument("checkpoint", help="local directory or Hub repo id (e.g. Profluent-Bio/E1-150m)")
+    info.add_argument("--revision", default=None)
+    info.add_argument("--meta", action="store_true", help=argparse.SUPPRESS)
+    info.set_defaults(run=_info)
+    # These parse their own arguments (each module has a main(argv) usable on its own).
+    for name, module, help_text in [
+        ("train", "e1min.train", "joint LoRA + ion-head training with K-fold cross-validation"),
+        ("predict", "e1min.predict", "per-residue binding probabilities for a FASTA file"),
+        ("evaluate", "e1min.predict", "predict on a labelled FASTA and report metrics"),
+        ("embed", "e1min.predict", "per-residue and mean-pooled embeddings to safetensors"),
+        ("check-data", "e1min.data.check", "validate every input a config names, print statistics"),
+        ("verify-lora", "e1min.verify", "unit-level LoRA checks (tiny random model by default)"),
+    ]:
+        s = sub.add_parser(name, help=help_text, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        func = {"predict": "predict_main", "evaluate": "evaluate_main", "embed": "embed_main", "check-data": "main"}.get(name, "main")
+        s.set_defaults(run=_forward(module, func))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``e1min`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        if os.environ.get("E1MIN_DEBUG"):
+            raise
+        # Our error types (CheckpointError, DataError, ConfigError, AdapterError, ...) are ValueErrors
+        # whose messages name the file, record or key.
+        print(f"e1min {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""E1Config: the model's shape, read from and written to a checkpoint's ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config.json that does not describe an E1 model."""
+
+
+@dataclass
+class E1Config:
+    """Field names equal the released ``config.json`` keys."""
+
+    hidden_size: int
+    num_attention_heads: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_key_value_heads: int | None = None
+    global_attention_every_n_layers: int = 3
+    rope_theta_within_seq: float = 10000.0
+    rope_theta_global: float = 500000.0
+    clip_qkv: float | None = 8.0
+    rms_norm_eps: float = 1e-5
+    max_num_sequences: int = 512
+    max_num_positions_within_seq: int = 8192
+    max_num_positions_global: int = 131072
+    vocab_size: int = 34
+    gated_mlp: bool = True
+    hidden_act: str = "silu"
+    model_type: str = "E1"
+    torch_dtype: str = "bfloat16"
+    # Unknown fields of a released config.json are kept so that writing it back loses nothing.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        problems = []
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(f"hidden_size {self.hidden_size} not divisible by num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append("num_attention_heads not divisible by num_key_value_heads")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            problems.append("head dimension must be even for RoPE")
+        if not self.gated_mlp or self.hidden_act != "silu":
+            problems.append("only the gated SiLU MLP of the released models is implemented")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def is_global_layer(self, i: int) -> bool:
+        n = self.global_attention_every_n_layers
+        return n > 0 and (i + 1) % n == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "E1Config":
+        """Build from a config.json dict; unknown keys are kept in ``extra``, missing required keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - d.keys())
+        if missing:
+            raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+        if d.get("model_type", "E1") != "E1":
+            raise ConfigError(f"{source}: model_type is {d.get('model_type')!r}, expected 'E1'")
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        try:
+            return cls(**known, extra=extra)
+        except (TypeError, ConfigError) as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "E1Config":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config.json not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(d, source=str(path))
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        from e1min.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+_RELEASED = dict(global_attention_every_n_layers=3, rope_theta_within_seq=10000.0, rope_theta_global=500000.0, clip_qkv=8.0)
+PRESETS: dict[str, dict[str, Any]] = {
+    "e1-150m": dict(hidden_size=768, num_attention_heads=12, intermediate_size=2304, num_hidden_layers=20, **_RELEASED),
+    "e1-300m": dict(hidden_size=1024, num_attention_heads=16, intermediate_size=3072, num_hidden_layers=20, **_RELEASED),
+    "e1-600m": dict(hidden_size=1280, num_attention_heads=20, intermediate_size=3840, num_hidden_layers=30, **_RELEASED),
+    # Small enough for tests and the CPU demo; still has both layer types.
+    "tiny": dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=3, **_RELEASED),
+}
+
+
+def preset(name: str, **overrides: Any) -> E1Config:
+    """A released shape (``e1-150m``, ``e1-300m``, ``e1-600m``) or ``tiny``, with optional overrides."""
+    key = name.lower()
+    if key not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return E1Config(**{**PRESETS[key], **overrides})
