@@ -71,21 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``e1min`` console script."""
-    args = build_parser().parse_args(argv)
+def run_guarded(command: str, func: Callable[..., int | None], *args: object) -> int:
+    """Run ``func(*args)``; user errors become one line on stderr and exit code 2 (E1MIN_DEBUG=1 re-raises)."""
     try:
-        return int(args.run(args) or 0)
+        return int(func(*args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("E1MIN_DEBUG"):
             raise
-        # Our error types (CheckpointError, DataError, ConfigError, AdapterError, ...) are ValueErrors
-        # whose messages name the file, record or key.
-        print(f"e1min {args.command}: error: {e}", file=sys.stderr)
+        # Our error types (CheckpointError, DataError, TrainConfigError, AdapterError, DistributedError, ...)
+        # carry messages that name the file, record, key or rank.
+        print(f"e1min {command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``e1min`` console script."""
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.command, args.run, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""The only module that talks to torch.distributed. Single-process behaviour is trivial.
+
+Launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT set) it joins a process group:
+NCCL on CUDA (device cuda:LOCAL_RANK), gloo on CPU. Every collective runs under a timeout, and a
+failed collective (dead or stuck peer) becomes a DistributedError naming the operation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as tdist
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another rank died, hung, or disagreed."""
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    timeout_s: float = 300.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    # -- collectives -------------------------------------------------------------------------
+    def _run(self, name: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, ValueError) as e:
+            raise DistributedError(
+                f"rank {self.rank}/{self.world_size}: collective '{name}' failed (a peer rank died, hung for more "
+                f"than {self.timeout_s:.0f}s, or disagreed): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from e
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", name: str = "all_reduce") -> torch.Tensor:
+        """In-place all-reduce (``sum`` or ``max``) of a tensor; returns it (on its original device)."""
+        if not self.distributed:
+            return t
+        work = t.to(self.device)
+        reduce_op = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}[op]
+        self._run(name, tdist.all_reduce, work, op=reduce_op)
+        if work is not t:
+            t.copy_(work)
+        return t
+
+    def sum_ints(self, values: Sequence[int], name: str = "sum_ints") -> list[int]:
+        """Sum a few integers over ranks (int64)."""
+        t = torch.tensor(list(values), dtype=torch.int64)
+        return [int(v) for v in self.all_reduce(t, "sum", name)]
+
+    def any(self, flag: bool, name: str = "any") -> bool:
+        """True on every rank if ``flag`` is True on any rank (int32 MAX all-reduce)."""
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        return bool(self.all_reduce(t, "max", name)[0])
+
+    def max_int(self, value: int, name: str = "max_int") -> int:
+        t = torch.tensor([value], dtype=torch.int64)
+        return int(self.all_reduce(t, "max", name)[0])
+
+    def barrier(self, name: str = "barrier") -> None:
+        if self.distributed:
+            # A tiny all-reduce rather than tdist.barrier(): it honours the process-group timeout on gloo and NCCL.
+            self.all_reduce(torch.zeros(1), "sum", name)
+
+    def broadcast_parameters(self, params: Iterable[torch.Tensor]) -> None:
+        """Copy rank 0's values into every rank's tensors (one flat broadcast)."""
+        params = list(params)
+        if not self.distributed or not params:
+            return
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params]).to(self.device)
+        self._run("broadcast_parameters", tdist.broadcast, flat, src=0)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                n = p.numel()
+                p.copy_(flat[offset : offset + n].view_as(p).to(p.dtype))
+                offset += n
+
+    def sync_gradients(self, params: Sequence[torch.nn.Parameter]) -> int:
+        """Sum gradients over ranks with one flat all-reduce; returns the bytes sent per rank.
+
+        A parameter without a gradient contributes zeros plus a 0 "used" flag; one that no rank used
+        keeps ``grad = None`` so the optimiser leaves it alone. Not divided by world size: the losses
+        were already normalised by the global token counts.
+        """
+        if not self.distributed:
+            return 0
+        grads = [p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
+        used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
+        flat = torch.cat([torch.cat(grads).to(self.device), used])
+        self._run("sync_gradients", tdist.all_reduce, flat, op=tdist.ReduceOp.SUM)
+        used_any = flat[-len(params) :] > 0
+        offset = 0
+        for p, u in zip(params, used_any.tolist()):
+            n = p.numel()
+            if u:
+                g = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            offset += n
+        return flat.numel() * flat.element_size()
+
+    def gather_cat(self, t: torch.Tensor, name: str = "gather") -> torch.Tensor:
+        """Concatenate a 1-D or 2-D tensor of any per-rank length along dim 0, in rank order, on every rank."""
+        if not self.distributed:
+            return t
+        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        self._run(name + ":sizes", tdist.all_gather, sizes, n)
+        sizes_i = [int(s) for s in sizes]
+        longest = max(sizes_i)
+        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=self.device)
+        padded[: t.shape[0]] = t.to(self.device)
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        self._run(name, tdist.all_gather, parts, padded)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes_i)]).to(t.device)
+
+    def check_replicas(self, params: Sequence[torch.Tensor], step: int) -> None:
+        """Debug: fail loudly if the trainable parameters differ between ranks."""
+        if not self.distributed:
+            return
+        local = torch.stack([torch.cat([p.detach().reshape(-1).double() for p in params]).sum(), torch.tensor(0.0, dtype=torch.float64)])
+        lo, hi = local.clone(), local.clone()
+        lo[0] = -lo[0]
+        self.all_reduce(hi, "max", "check_replicas")
+        self.all_reduce(lo, "max", "check_replicas")
+        if float(hi[0]) != float(-lo[0]):
+            raise DistributedError(f"rank {self.rank}: trainable parameters diverged across ranks at step {step} (checksums {float(-lo[0])} .. {float(hi[0])})")
+
+    def destroy(self) -> None:
+        if self.distributed and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def init_distributed(timeout_s: float = 300.0, device: str | None = None, init_method: str | None = None) -> DistContext:
+    """Join torchrun's process group when launched by it; otherwise a single-process context.
+
+    ``device``: "cuda", "cpu" or None (CUDA when available). ``init_method``: default ``env://``
+    (torchrun); tests pass a ``file://`` store.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    ctx = DistContext(rank, world, local_rank, dev, timeout_s)
+    if world > 1 and not tdist.is_initialized():
+        tdist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            rank=rank,
+            world_size=world,
+            init_method=init_method,
+            **({"device_id": dev} if use_cuda else {}),
+        )
+    return ctx

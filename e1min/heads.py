@@ -1,0 +1,103 @@
+"""Per-ion binding heads on a LoRA'd E1 backbone, and the joint BCE + MLM loss.
+
+One backbone forward per batch feeds both terms: the batch's ion head scores query residues,
+E1's own pretrained ``mlm_head`` predicts the masked tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from e1min.model import E1ForMaskedLM
+
+
+class IonHead(nn.Module):
+    """LayerNorm(H) -> Dropout -> Linear(H, 1), applied per residue."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(hidden_size, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.dropout(self.norm(h.float()))).squeeze(-1)
+
+
+class BindingModel(nn.Module):
+    """E1 backbone (usually with LoRA) plus a ``ModuleDict`` of ion heads. Heads stay float32."""
+
+    def __init__(self, backbone: E1ForMaskedLM, ions: list[str], head_dropout: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict({ion: IonHead(backbone.config.hidden_size, head_dropout) for ion in ions})
+
+    @property
+    def ions(self) -> list[str]:
+        return list(self.heads.keys())
+
+    def forward(self, batch: dict, ion: str, mlm_positions: torch.Tensor | None = None) -> "BindingOutput":
+        """Binding logits (B, L) from ``ion``'s head; MLM logits (N, vocab) only at ``mlm_positions`` (bool B x L)."""
+        emb = self.backbone.model(
+            batch["input_ids"], batch["within_seq_position_ids"], batch["global_position_ids"], batch["sequence_ids"]
+        )
+        binding = self.heads[ion](emb)
+        mlm = None
+        if mlm_positions is not None and bool(mlm_positions.any()):
+            mlm = self.backbone.mlm_head(emb[mlm_positions]).float()
+        return BindingOutput(binding_logits=binding, mlm_logits=mlm, embeddings=emb)
+
+
+@dataclass
+class BindingOutput:
+    binding_logits: torch.Tensor
+    mlm_logits: torch.Tensor | None
+    embeddings: torch.Tensor
+
+
+@dataclass
+class LossTerms:
+    """Sums over contributing tokens; divide by the step's global token counts to get the loss."""
+
+    bce_sum: torch.Tensor
+    mlm_sum: torch.Tensor
+    bce_tokens: int
+    mlm_tokens: int
+
+
+def loss_sums(
+    out: BindingOutput, batch: dict, pos_weight: float = 1.0, focal_gamma: float = 0.0
+) -> LossTerms:
+    """Summed BCE over ``binding_mask`` and summed MLM cross-entropy over ``mlm_labels != -100``.
+
+    Sums, not means: the trainer divides by the number of contributing tokens of the whole optimiser
+    step (all micro-batches, all ranks), so accumulation and data parallelism give the big-batch loss.
+    """
+    mask = batch["binding_mask"]
+    logits = out.binding_logits[mask]
+    target = batch["binding_labels"][mask].to(logits.dtype)
+    pw = torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw, reduction="none")
+    if focal_gamma > 0:
+        p = torch.sigmoid(logits)
+        p_t = p * target + (1 - p) * (1 - target)
+        bce = bce * (1 - p_t).pow(focal_gamma)
+    labels = batch["mlm_labels"]
+    mlm_targets = labels[labels != -100]
+    if out.mlm_logits is not None and len(mlm_targets):
+        mlm = F.cross_entropy(out.mlm_logits, mlm_targets, reduction="sum")
+    else:
+        mlm = out.binding_logits.new_zeros(())  # no masked token: zero, never NaN
+    return LossTerms(bce.sum(), mlm, int(mask.sum()), int(len(mlm_targets)))
+
+
+def joint_loss(terms: LossTerms, bce_tokens: int, mlm_tokens: int, mlm_weight: float) -> torch.Tensor:
+    """BCE_sum / bce_tokens + mlm_weight * MLM_sum / mlm_tokens, with global counts (0 counts -> term 0)."""
+    loss = terms.bce_sum / max(bce_tokens, 1)
+    if mlm_weight > 0:
+        loss = loss + mlm_weight * terms.mlm_sum / max(mlm_tokens, 1)
+    return loss

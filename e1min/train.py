@@ -1,0 +1,584 @@
+"""Joint training with K-fold cross-validation: folds -> epochs -> optimiser steps.
+
+    e1min train --config configs/demo.yaml [--set training.epochs=3] [--folds 1,3] [--resume]
+    torchrun --nproc_per_node=4 -m e1min.train --config configs/e1_binding.yaml
+
+Per fold: a fresh E1 + LoRA + ion heads, trained on the other folds with one backbone forward per
+batch (ion-head BCE + MLM through E1's own head), validated after every epoch on the held-out fold,
+early-stopped on the selection metric. Every cross-process operation goes through ``e1min.dist``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from e1min import metrics
+from e1min.checkpoint import load_state, read_meta, save_state, state_dir
+from e1min.data.batching import fixed_size_batches, interleave, padding_fraction, shard, shard_eval, token_budget_batches
+from e1min.data.collate import MaskingConfig, collate
+from e1min.data.dataset import Example, ion_stats, load_ion_records, make_eval_examples, make_train_examples, pos_weight
+from e1min.data.fasta import Record
+from e1min.data.folds import assign_folds, check_assignment, load_folds, save_folds, split
+from e1min.data.msa import ContextProvider, MSASampling
+from e1min.data.seeding import stable_seed
+from e1min.dist import DistContext, init_distributed
+from e1min.heads import BindingModel, joint_loss, loss_sums
+from e1min.io import atomic_write_json, atomic_write_text
+from e1min.scoring import autocast_context, iter_scored, to_device
+from e1min.train_config import dump_config, load_config
+
+log = logging.getLogger("e1min")
+
+
+# ---------------------------------------------------------------------------------------------
+# Run data: records, folds, context sampling
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunData:
+    records: dict[str, list[Record]]
+    assignment: dict[str, int]
+    provider: ContextProvider | None
+    train_sampling: MSASampling
+    val_sampling: MSASampling
+
+
+def prepare_run(cfg: dict, ctx: DistContext, out: Path) -> RunData:
+    """Load records, assign (or reuse) folds, write config.yaml / folds.json / data_stats.json."""
+    d, t, g = cfg["data"], cfg["training"], cfg["general"]
+    records = load_ion_records(d["fasta_path"], t["ions"], d["fasta_pattern"])
+    folds_file = out / "folds.json"
+    if folds_file.exists():
+        assignment, _ = load_folds(folds_file)
+        problems = check_assignment(assignment, records)
+        if problems:
+            raise ValueError(f"{folds_file}: does not match the data ({'; '.join(problems[:5])}); use a new output_dir")
+        log.info("reusing fold assignment from %s", folds_file)
+    else:
+        assignment = assign_folds(records, t["num_folds"], g["seed"])
+    stats = {ion: ion_stats(recs) for ion, recs in records.items()}
+    if ctx.is_main:
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        if not folds_file.exists():
+            save_folds(folds_file, assignment, {"num_folds": t["num_folds"], "seed": g["seed"], "ions": t["ions"]})
+        fold_sizes = {str(k + 1): sum(1 for f in assignment.values() if f == k) for k in range(t["num_folds"])}
+        atomic_write_json(out / "data_stats.json", {"ions": stats, "fold_sizes": fold_sizes})
+        for ion, s in stats.items():
+            log.info(
+                "%s: %d proteins (%d labelled), %d residues, positive rate %.4f",
+                ion, s["proteins"], s["labelled_proteins"], s["residues"], s["positive_rate"],
+            )
+    ctx.barrier("prepare_run")
+    provider = ContextProvider(d["msa_dir"]) if d["msa_dir"] else None
+    return RunData(
+        records=records,
+        assignment=assignment,
+        provider=provider,
+        train_sampling=MSASampling.from_dict({**MSASampling().__dict__, **t["msa_sampling"]}),
+        val_sampling=MSASampling.from_dict({**MSASampling(128, 12288).__dict__, **t["validation_msa_sampling"]}),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and optimiser
+# ---------------------------------------------------------------------------------------------
+def build_model(cfg: dict, ctx: DistContext) -> BindingModel:
+    """Base E1 (frozen, in the configured dtype) + LoRA + float32 ion heads on this rank's device."""
+    from e1min.hub import load_model
+    from e1min.lora import apply_lora
+
+    m, lo = cfg["model"], cfg["lora"]
+    backbone = load_model(m["checkpoint"], dtype=getattr(torch, m["dtype"]), device=ctx.device, revision=m["revision"])
+    torch.manual_seed(cfg["general"]["seed"])  # identical LoRA init on every rank (also broadcast below)
+    apply_lora(
+        backbone, r=lo["r"], alpha=lo["alpha"], dropout=lo["lora_dropout"], target_modules=tuple(lo["target_modules"]),
+        layers=lo["layers"], use_rslora=lo["use_rslora"], train_mlm_head=lo["train_mlm_head"],
+    )
+    backbone.set_gradient_checkpointing(m["gradient_checkpointing"])
+    model = BindingModel(backbone, list(cfg["training"]["ions"]), head_dropout=m["dropout"])
+    model.heads.to(ctx.device)
+    return model
+
+
+def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW on trainable parameters; no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in trainable(model):
+        (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up from lr/warmup to lr, then cosine decay to min_lr (per optimiser step)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+def epoch_plan(cfg: dict, data: RunData, train: dict[str, list[Record]], epoch: int) -> list[tuple[str, list[Example]]]:
+    """Every ion's training batches for one epoch, interleaved in a shuffled order (same on every rank)."""
+    d, t, seed = cfg["data"], cfg["training"], cfg["general"]["seed"]
+    batches_by_ion, examples_by_ion = {}, {}
+    for ion, recs in train.items():
+        examples = make_train_examples(
+            recs, ion, data.provider, data.train_sampling, seed, epoch, d["max_query_length"], d["max_example_tokens"]
+        )
+        lengths = [ex.num_tokens for ex in examples]
+        ion_seed = stable_seed(seed, epoch, ion, "batches")
+        if t["max_tokens_per_batch"]:
+            batches_by_ion[ion] = token_budget_batches(lengths, t["max_tokens_per_batch"], seed=ion_seed)
+        else:
+            batches_by_ion[ion] = fixed_size_batches(lengths, t["batch_size"], seed=ion_seed)
+        examples_by_ion[ion] = examples
+    plan = interleave(batches_by_ion, stable_seed(seed, epoch, "interleave"))
+    return [(ion, [examples_by_ion[ion][i] for i in idx]) for ion, idx in plan]
+
+
+def plan_padding(plan: Sequence[tuple[str, list[Example]]]) -> float:
+    lengths = [ex.num_tokens for _, exs in plan for ex in exs]
+    batches, i = [], 0
+    for _, exs in plan:
+        batches.append(list(range(i, i + len(exs))))
+        i += len(exs)
+    return padding_fraction(batches, lengths)
+
+
+# ---------------------------------------------------------------------------------------------
+# One fold
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FoldState:
+    epoch: int = 0  # next epoch to run
+    step: int = 0  # optimiser steps taken
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FoldTrainer:
+    """Trains and validates one fold; owns the model, optimiser and the fold's output directory."""
+
+    def __init__(self, cfg: dict, ctx: DistContext, data: RunData, fold: int, out: Path):
+        self.cfg, self.ctx, self.data, self.fold = cfg, ctx, data, fold  # fold is 0-based
+        self.dir = out / f"fold_{fold + 1}"
+        t = cfg["training"]
+        self.ions = list(t["ions"])
+        split_by_ion = {ion: split(recs, data.assignment, fold) for ion, recs in data.records.items()}
+        self.train_records = {ion: s[0] for ion, s in split_by_ion.items()}
+        self.val_records = {ion: [r for r in s[1] if r.labels is not None] for ion, s in split_by_ion.items()}
+        self.pos_weight = {ion: pos_weight(recs, t["pos_weight_mode"]) for ion, recs in self.train_records.items()}
+        self.model = build_model(cfg, ctx)
+        self.params = [p for _, p in trainable(self.model)]
+        ctx.broadcast_parameters(self.params)
+        self.optimizer = build_optimizer(self.model, t["learning_rate"], t["weight_decay"])
+        self.masking = MaskingConfig(probability=t["mlm_probability"], mask_context=t["mask_context"]) if t["mlm_weight"] > 0 and t["mlm_probability"] > 0 else None
+        self.bf16 = t["bf16"]
+        self.state = FoldState()
+        self.val_examples = {
+            ion: make_eval_examples(
+                recs, ion, data.provider, data.val_sampling, cfg["general"]["seed"], cfg["data"]["max_query_length"], cfg["data"]["max_example_tokens"]
+            )
+            for ion, recs in self.val_records.items()
+        }
+        steps_per_epoch = math.ceil(math.ceil(len(epoch_plan(cfg, data, self.train_records, 0)) / ctx.world_size) / t["accum_steps"])
+        self.total_steps = steps_per_epoch * t["epochs"]
+        self.warmup_steps = max(1, round(steps_per_epoch * t["warmup_epochs"]))
+        self.comm_bytes = 0
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, resume: bool) -> dict[str, Any]:
+        t = self.cfg["training"]
+        if resume and state_dir(self.dir / "last") is not None:
+            meta = load_state(self.dir / "last", self.model, self.optimizer)
+            self.state = FoldState(**meta["trainer_state"])
+            log.info("fold %d: resumed from %s at epoch %d", self.fold + 1, self.dir / "last", self.state.epoch + 1)
+        while self.state.epoch < t["epochs"]:
+            epoch = self.state.epoch
+            train_stats = self.train_epoch(epoch)
+            val = self.validate()
+            self.end_epoch(epoch, train_stats, val)
+            if self.ctx.any(self.state.bad_epochs >= t["early_stop_patience"], "early_stop"):
+                log.info("fold %d: early stop after epoch %d (best epoch %d)", self.fold + 1, epoch + 1, self.state.best_epoch + 1)
+                break
+        result = {"fold": self.fold + 1, "best_epoch": self.state.best_epoch + 1, "best_metric": self.state.best_metric,
+                  "selection_metric": t["selection_metric"], "complete": True}
+        if self.ctx.is_main:
+            atomic_write_json(self.dir / "fold_result.json", result)
+            write_plots(self.dir.parent / "plots", self.fold + 1, self.state.history, self.ions)
+        self.ctx.barrier("fold_end")
+        return result
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, ctx, t = self.cfg, self.ctx, self.cfg["training"]
+        plan = epoch_plan(cfg, self.data, self.train_records, epoch)
+        mine = shard(plan, ctx.rank, ctx.world_size)
+        n_windows = math.ceil(len(mine) / t["accum_steps"])
+        self.model.train()
+        # Dropout RNG derived from (seed, fold, epoch, rank): a resumed run draws what an uninterrupted one would.
+        torch.manual_seed(stable_seed(cfg["general"]["seed"], self.fold, epoch, ctx.rank))
+        ion_sums = torch.zeros(len(self.ions), 2, dtype=torch.float64)  # per-ion BCE sum, tokens
+        totals = {"bce": 0.0, "mlm": 0.0, "bce_tokens": 0, "mlm_tokens": 0, "tokens": 0}
+        t0 = time.time()
+        for w in range(n_windows):
+            window = mine[w * t["accum_steps"] : (w + 1) * t["accum_steps"]]
+            batches = [self.collate_train(item, epoch) for item in window]
+            local = [sum(int(b["binding_mask"].sum()) for b, _ in batches if b is not None),
+                     sum(int((b["mlm_labels"] != -100).sum()) for b, _ in batches if b is not None)]
+            bce_tokens, mlm_tokens = ctx.sum_ints(local, "token_counts")  # global normaliser of this step
+            for item in batches:
+                if item is None:
+                    continue
+                batch, ion = item
+                batch = to_device(batch, ctx.device)
+                with autocast_context(ctx.device, self.bf16):
+                    mlm_pos = batch["mlm_labels"] != -100 if self.masking else None
+                    out = self.model(batch, ion, mlm_pos)
+                    terms = loss_sums(out, batch, self.pos_weight[ion], t["focal_gamma"])
+                    loss = joint_loss(terms, bce_tokens, mlm_tokens, t["mlm_weight"])
+                loss.backward()
+                i = self.ions.index(ion)
+                ion_sums[i, 0] += float(terms.bce_sum.detach())
+                ion_sums[i, 1] += terms.bce_tokens
+                totals["bce"] += float(terms.bce_sum.detach())
+                totals["mlm"] += float(terms.mlm_sum.detach())
+                totals["bce_tokens"] += terms.bce_tokens
+                totals["mlm_tokens"] += terms.mlm_tokens
+                totals["tokens"] += int((batch["sequence_ids"] >= 0).sum())
+            self.optimizer_step()
+            if cfg["general"]["check_replicas_every"] and self.state.step % cfg["general"]["check_replicas_every"] == 0:
+                ctx.check_replicas(self.params, self.state.step)
+            if ctx.is_main and ((w + 1) % cfg["general"]["log_every"] == 0 or w + 1 == n_windows):
+                elapsed = time.time() - t0
+                eta = elapsed / (w + 1) * (n_windows - w - 1)
+                log.info(
+                    "fold %d epoch %d/%d step %d/%d | bce %.4f mlm %.4f | lr %.2e | %.0f tok/s | ETA %s",
+                    self.fold + 1, epoch + 1, t["epochs"], w + 1, n_windows,
+                    totals["bce"] / max(1, totals["bce_tokens"]), totals["mlm"] / max(1, totals["mlm_tokens"]),
+                    self.optimizer.param_groups[0]["lr"], totals["tokens"] * ctx.world_size / max(elapsed, 1e-9), _fmt_time(eta),
+                )
+        ctx.all_reduce(ion_sums, "sum", "ion_loss")
+        return {
+            "train_bce": {ion: float(ion_sums[i, 0] / max(1.0, float(ion_sums[i, 1]))) for i, ion in enumerate(self.ions)},
+            "train_mlm_rank0": totals["mlm"] / max(1, totals["mlm_tokens"]),
+            "padding_fraction": plan_padding(plan),
+            "seconds": time.time() - t0,
+        }
+
+    def collate_train(self, item: tuple[str, list[Example]] | None, epoch: int) -> tuple[dict, str] | None:
+        if item is None:
+            return None  # this rank has fewer batches: an empty step that still joins the all-reduce
+        ion, examples = item
+        t = self.cfg["training"]
+        batch = collate(examples, masking=self.masking, seed=self.cfg["general"]["seed"], epoch=epoch, label_smoothing=t["label_smoothing"])
+        return batch, ion
+
+    def optimizer_step(self) -> None:
+        t = self.cfg["training"]
+        self.comm_bytes = self.ctx.sync_gradients(self.params)
+        if t["max_grad_norm"]:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], t["max_grad_norm"])
+        lr = lr_at(self.state.step, self.total_steps, self.warmup_steps, t["learning_rate"], t["min_lr"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> dict[str, dict[str, Any]]:
+        """Per-ion metrics over every validation residue (all ranks compute the same numbers)."""
+        out = {}
+        for ion in self.ions:
+            probs = predict_records(self.model, self.val_records[ion], self.val_examples[ion], ion, self.ctx,
+                                    self.cfg["training"]["eval_max_tokens_per_batch"], self.bf16)
+            y = np.concatenate([r.labels for r in self.val_records[ion]]) if self.val_records[ion] else np.zeros(0)
+            p = np.concatenate(probs) if probs else np.zeros(0)
+            m = metrics.binary_metrics(y, p)
+            m["val_bce"] = float(-np.mean(y * np.log(np.clip(p, 1e-7, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-7, 1)))) if len(y) else float("nan")
+            out[ion] = {"metrics": m, "probs": probs}
+        return out
+
+    def end_epoch(self, epoch: int, train_stats: dict, val: dict) -> None:
+        t, st = self.cfg["training"], self.state
+        key = "auprc" if t["selection_metric"] == "auprc" else "hra"
+        per_ion = {ion: v["metrics"] for ion, v in val.items()}
+        values = [m[key] for m in per_ion.values() if not math.isnan(m[key])]
+        score = float(np.mean(values)) if values else float("nan")
+        improved = not math.isnan(score) and score > st.best_metric + t["min_delta"]
+        record = {"fold": self.fold + 1, "epoch": epoch + 1, "step": st.step, f"mean_{key}": score, "improved": improved,
+                  **train_stats, "val": {ion: _json_metrics(m) for ion, m in per_ion.items()}}
+        st.history.append(record)
+        if improved:
+            st.best_metric, st.best_epoch, st.bad_epochs = score, epoch, 0
+        else:
+            st.bad_epochs += 1
+        st.epoch = epoch + 1
+        if self.ctx.is_main:
+            summary = " ".join(f"{ion} auprc {m['auprc']:.3f} hra {m['hra']:.3f}" for ion, m in per_ion.items())
+            log.info("fold %d epoch %d: %s | mean %s %.4f%s (F1/MCC at a threshold fitted on this fold are optimistic)",
+                     self.fold + 1, epoch + 1, summary, key, score, " *best*" if improved else "")
+            meta = self.meta(per_ion)
+            if improved:
+                save_state(self.dir / "best", self.model, meta)
+                write_oof(self.dir / "oof_predictions.tsv", self.val_records, {ion: v["probs"] for ion, v in val.items()})
+            save_state(self.dir / "last", self.model, {**meta, "trainer_state": st.__dict__}, self.optimizer)
+            atomic_write_text(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in st.history))
+        self.ctx.barrier("checkpoint_written")
+
+    def meta(self, per_ion: dict) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "fold": self.fold + 1, "epoch": self.state.epoch, "ions": self.ions,
+            "base_model": _base_model_id(c["model"]["checkpoint"]), "base_revision": c["model"]["revision"],
+            "base_config": self.model.backbone.config.to_dict(),
+            "lora": {k: c["lora"][k] for k in ("r", "alpha", "lora_dropout", "target_modules", "train_mlm_head", "use_rslora", "layers")},
+            "head_dropout": c["model"]["dropout"], "max_query_length": c["data"]["max_query_length"],
+            "max_example_tokens": c["data"]["max_example_tokens"], "validation_msa_sampling": self.data.val_sampling.__dict__,
+            "metrics": {ion: _json_metrics(m) for ion, m in per_ion.items()},
+        }
+
+
+def predict_records(model, records: Sequence[Record], examples: Sequence[Example], ion: str, ctx: DistContext,
+                    max_tokens: int, bf16: bool) -> list[np.ndarray]:
+    """Per-protein probabilities (in ``records`` order); each rank scores a shard, results are gathered."""
+    index = {r.id: i for i, r in enumerate(records)}
+    mine = shard_eval(list(range(len(examples))), ctx.rank, ctx.world_size)
+    rows = []
+    for j, p in iter_scored(model, [examples[i] for i in mine], ion, ctx.device, max_tokens, bf16):
+        ex = examples[mine[j]]
+        a, b = ex.keep_start - ex.offset, ex.keep_end - ex.offset
+        pos = torch.arange(ex.keep_start, ex.keep_end, dtype=torch.float64)
+        rows.append(torch.stack([torch.full_like(pos, index[ex.protein_id]), pos, torch.from_numpy(p[a:b]).double()], 1))
+    local = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+    allrows = ctx.gather_cat(local, "validation_predictions").numpy()
+    order = np.lexsort((allrows[:, 1], allrows[:, 0]))
+    allrows = allrows[order]
+    lengths = np.array([len(r.sequence) for r in records], dtype=np.int64)
+    expected = np.concatenate([np.stack([np.full(n, i), np.arange(n)], 1) for i, n in enumerate(lengths)]) if len(records) else np.zeros((0, 2))
+    if allrows.shape[0] != expected.shape[0] or not np.array_equal(allrows[:, :2].astype(np.int64), expected):
+        raise RuntimeError(f"{ion}: validation did not score every residue exactly once ({allrows.shape[0]} of {expected.shape[0]})")
+    return np.split(allrows[:, 2].astype(np.float32), np.cumsum(lengths)[:-1]) if len(records) else []
+
+
+def _base_model_id(checkpoint: str) -> str:
+    """Hub ids as given; local directories as absolute paths, so predictions work from any directory."""
+    path = Path(checkpoint).expanduser()
+    return str(path.resolve()) if path.is_dir() else checkpoint
+
+
+def _json_metrics(m: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Run outputs: OOF predictions, thresholds, summary, plots
+# ---------------------------------------------------------------------------------------------
+OOF_HEADER = "id\tposition\tresidue\tion\tprobability\tlabel\n"
+
+
+def write_oof(path: Path, records: dict[str, list[Record]], probs: dict[str, list[np.ndarray]]) -> None:
+    """Out-of-fold predictions, one line per residue and ion (position 1-based)."""
+    lines = [OOF_HEADER]
+    for ion, recs in records.items():
+        for r, p in zip(recs, probs[ion]):
+            lines.extend(f"{r.id}\t{i + 1}\t{aa}\t{ion}\t{q:.6g}\t{y}\n" for i, (aa, q, y) in enumerate(zip(r.sequence, p.tolist(), r.labels.tolist())))
+    atomic_write_text(path, "".join(lines))
+
+
+def read_oof(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """ion -> (labels, probabilities) from an oof_predictions.tsv."""
+    by_ion: dict[str, tuple[list, list]] = {}
+    with open(path) as fh:
+        header = fh.readline()
+        if header != OOF_HEADER:
+            raise ValueError(f"{path}: unexpected header {header.strip()!r}")
+        for line in fh:
+            _, _, _, ion, prob, label = line.rstrip("\n").split("\t")
+            ys, ps = by_ion.setdefault(ion, ([], []))
+            ys.append(int(label))
+            ps.append(float(prob))
+    return {ion: (np.array(ys, dtype=np.int64), np.array(ps)) for ion, (ys, ps) in by_ion.items()}
+
+
+def summarise(out: Path, ions: Sequence[str], num_folds: int, method: str) -> dict[str, Any] | None:
+    """thresholds.json, summary.json and summary.md from every completed fold's OOF predictions."""
+    folds = [k for k in range(1, num_folds + 1) if (out / f"fold_{k}" / "fold_result.json").exists()]
+    if not folds:
+        return None
+    oof = {k: read_oof(out / f"fold_{k}" / "oof_predictions.tsv") for k in folds}
+    thresholds, ions_out = {}, {}
+    for ion in ions:
+        per_fold = {k: oof[k][ion] for k in folds if ion in oof[k] and len(oof[k][ion][0])}
+        if not per_fold:
+            continue
+        y_all = np.concatenate([v[0] for v in per_fold.values()])
+        p_all = np.concatenate([v[1] for v in per_fold.values()])
+        thr, value = metrics.best_threshold(y_all, p_all, method)
+        thresholds[ion] = {"threshold": thr, "method": method, "value": value, "fitted_on": "pooled out-of-fold predictions", "folds": list(per_fold)}
+        cols: dict[str, list[float]] = {k: [] for k in ("auprc", "auroc", "hra", "hra_raw", "f1", "mcc", "precision", "recall")}
+        for k, (y, p) in per_fold.items():
+            # F1/MCC at a threshold fitted on the *other* folds' predictions (honest); own fold only if alone.
+            others = [v for kk, v in per_fold.items() if kk != k]
+            if others:
+                t_k, _ = metrics.best_threshold(np.concatenate([o[0] for o in others]), np.concatenate([o[1] for o in others]), method)
+            else:
+                t_k = thr
+            m = metrics.binary_metrics(y, p, threshold=t_k)
+            for key in cols:
+                cols[key].append(m[key])
+        ions_out[ion] = {"positive_rate": float(y_all.mean()), **{k: metrics.mean_std(v) for k, v in cols.items()}}
+    fold_results = [json.loads((out / f"fold_{k}" / "fold_result.json").read_text()) for k in folds]
+    summary = {"ions": ions_out, "folds": fold_results, "config": "config.yaml"}
+    atomic_write_json(out / "thresholds.json", thresholds)
+    atomic_write_json(out / "summary.json", _nan_to_none(summary))
+    atomic_write_text(out / "summary.md", summary_markdown(ions_out, folds))
+    return summary
+
+
+def _nan_to_none(o: Any) -> Any:
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _nan_to_none(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_nan_to_none(v) for v in o]
+    return o
+
+
+def summary_markdown(ions_out: dict, folds: list[int]) -> str:
+    cols = ("auprc", "auroc", "hra", "f1", "mcc")
+    lines = [f"Cross-validation summary over folds {', '.join(map(str, folds))} (mean ± std; F1/MCC at out-of-fold thresholds)", "",
+             "| ion | positive rate | " + " | ".join(c.upper() for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for ion, m in ions_out.items():
+        lines.append(f"| {ion} | {m['positive_rate']:.4f} | " + " | ".join(f"{m[c]['mean']:.3f} ± {m[c]['std']:.3f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(plot_dir: Path, fold: int, history: list[dict], ions: Sequence[str]) -> None:
+    """Loss and AUPRC curves per ion: PNG with matplotlib, else CSV (and one note)."""
+    rows = [(h["epoch"], ion, h["train_bce"].get(ion), h["val"][ion].get("val_bce"), h["val"][ion].get("auprc")) for h in history for ion in ions]
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(plot_dir / f"curves_fold_{fold}.csv", "epoch,ion,train_bce,val_bce,val_auprc\n" + "".join(",".join("" if v is None else str(v) for v in r) + "\n" for r in rows))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: curves written as %s only (pip install 'e1min[plot]' for PNGs)", plot_dir / f"curves_fold_{fold}.csv")
+        return
+    from e1min.io import atomic_path
+
+    for ion in ions:
+        mine = [r for r in rows if r[1] == ion]
+        epochs = [r[0] for r in mine]
+        for name, series, ylabel in (("loss", [(2, "train BCE"), (3, "validation BCE")], "BCE"), ("auprc", [(4, "validation AUPRC")], "AUPRC")):
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for col, label in series:
+                ax.plot(epochs, [np.nan if r[col] is None else r[col] for r in mine], marker="o", label=label)
+            ax.set(xlabel="epoch", ylabel=ylabel, title=f"{ion}, fold {fold}")
+            ax.legend()
+            fig.tight_layout()
+            with atomic_path(plot_dir / f"{name}_fold_{fold}_{ion}.png") as tmp:
+                fig.savefig(tmp, format="png", dpi=100)
+            plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+def run_cross_validation(cfg: dict, ctx: DistContext, resume: bool = False) -> dict[str, Any] | None:
+    """Train every requested fold (skipping completed ones), then summarise. Returns the summary (rank 0)."""
+    t = cfg["training"]
+    out = Path(t["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_run(cfg, ctx, out)
+    folds = [f - 1 for f in (t["folds"] or range(1, t["num_folds"] + 1))]
+    for fold in folds:
+        if (out / f"fold_{fold + 1}" / "fold_result.json").exists():
+            log.info("fold %d already complete: skipped (delete %s to retrain)", fold + 1, out / f"fold_{fold + 1}")
+            continue
+        FoldTrainer(cfg, ctx, data, fold, out).run(resume)
+    if data.provider is not None and data.provider.missing and ctx.is_main:
+        log.info("%d proteins had no MSA and ran single-sequence", len(data.provider.missing))
+    summary = None
+    if ctx.is_main:
+        summary = summarise(out, t["ions"], t["num_folds"], t["threshold_method"])
+        if summary:
+            log.info("\n%s", (out / "summary.md").read_text())
+    ctx.barrier("run_end")
+    return summary
+
+
+def setup_logging(out: Path, is_main: bool) -> None:
+    """Console (rank 0) + training.log; called by the entry point only, never at import."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    if not is_main:
+        log.addHandler(logging.NullHandler())
+        return
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    out.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(out / "training.log")
+    fh.setFormatter(fmt)
+    log.addHandler(fh)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``e1min train`` / ``python -m e1min.train``."""
+    p = argparse.ArgumentParser(prog="e1min train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (YAML)")
+    p.add_argument("--folds", default=None, help="comma-separated 1-based folds to run, e.g. 1,3")
+    p.add_argument("--resume", action="store_true", help="continue interrupted folds from their last epoch checkpoint")
+    args = p.parse_args(argv)
+    overrides = list(args.set)
+    if args.folds:
+        overrides.append(f"training.folds=[{args.folds}]")
+    cfg, notes = load_config(args.config, overrides)
+    ctx = init_distributed(cfg["general"]["dist_timeout_seconds"], cfg["general"]["device"])
+    try:
+        setup_logging(Path(cfg["training"]["output_dir"]), ctx.is_main)
+        for n in notes:
+            log.info(n)
+        log.info("e1min train: %s, %d process(es) on %s", args.config, ctx.world_size, ctx.device)
+        run_cross_validation(cfg, ctx, resume=args.resume)
+    finally:
+        ctx.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    from e1min.cli import run_guarded
+
+    sys.exit(run_guarded("train", main, sys.argv[1:]))
