@@ -29,19 +29,22 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from e1min.train import main as train_main
+# Subcommands that parse their own arguments (each module has a main(argv) usable on its own).
+FORWARDED: dict[str, tuple[str, str, str]] = {
+    "train": ("e1min.train", "main", "joint LoRA + ion-head training with K-fold cross-validation"),
+    "predict": ("e1min.predict", "predict_main", "per-residue binding probabilities for a FASTA file"),
+    "evaluate": ("e1min.predict", "evaluate_main", "predict on a labelled FASTA and report metrics"),
+    "embed": ("e1min.predict", "embed_main", "per-residue and mean-pooled embeddings to safetensors"),
+    "check-data": ("e1min.data.check", "main", "validate every input a config names, print statistics"),
+    "verify-lora": ("e1min.verify", "main", "unit-level LoRA checks (tiny random model by default)"),
+}
 
-    return train_main(args.rest)
 
+def _forwarded(name: str) -> Callable[[list[str]], int]:
+    import importlib
 
-def _forward(module: str, func: str = "main") -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return getattr(importlib.import_module(module), func)(args.rest)
-
-    return run
+    module, func, _ = FORWARDED[name]
+    return getattr(importlib.import_module(module), func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,19 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--revision", default=None)
     info.add_argument("--meta", action="store_true", help=argparse.SUPPRESS)
     info.set_defaults(run=_info)
-    # These parse their own arguments (each module has a main(argv) usable on its own).
-    for name, module, help_text in [
-        ("train", "e1min.train", "joint LoRA + ion-head training with K-fold cross-validation"),
-        ("predict", "e1min.predict", "per-residue binding probabilities for a FASTA file"),
-        ("evaluate", "e1min.predict", "predict on a labelled FASTA and report metrics"),
-        ("embed", "e1min.predict", "per-residue and mean-pooled embeddings to safetensors"),
-        ("check-data", "e1min.data.check", "validate every input a config names, print statistics"),
-        ("verify-lora", "e1min.verify", "unit-level LoRA checks (tiny random model by default)"),
-    ]:
-        s = sub.add_parser(name, help=help_text, add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        func = {"predict": "predict_main", "evaluate": "evaluate_main", "embed": "embed_main", "check-data": "main"}.get(name, "main")
-        s.set_defaults(run=_forward(module, func))
+    for name, (_, _, help_text) in FORWARDED.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; parsed by the module itself
     return p
 
 
@@ -89,6 +81,9 @@ def run_guarded(command: str, func: Callable[..., int | None], *args: object) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``e1min`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        return run_guarded(argv[0], lambda: _forwarded(argv[0])(argv[1:]))
     args = build_parser().parse_args(argv)
     return run_guarded(args.command, args.run, args)
 

@@ -163,6 +163,46 @@ def plan_padding(plan: Sequence[tuple[str, list[Example]]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# One optimiser step's forward/backward
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LossSpec:
+    pos_weight: dict[str, float]
+    mlm_weight: float
+    focal_gamma: float = 0.0
+    use_mlm: bool = True
+
+
+def backward_window(
+    model: BindingModel, batches: Sequence[tuple[dict, str] | None], ctx: DistContext, spec: LossSpec, bf16: bool = False
+) -> torch.Tensor:
+    """Forward + backward every micro-batch of one optimiser step (this rank's share of it).
+
+    Both loss terms are divided by the step's *global* token counts (all micro-batches, all ranks,
+    all-reduced before any backward), so the summed gradients equal the big-batch gradient.
+    ``None`` entries are empty steps (a rank short of batches). Returns detached per-ion statistics
+    (n_ions, 4): BCE sum, BCE tokens, MLM sum, MLM tokens.
+    """
+    real = [b for b in batches if b is not None]
+    local = [sum(int(b["binding_mask"].sum()) for b, _ in real), sum(int((b["mlm_labels"] != -100).sum()) for b, _ in real)]
+    bce_tokens, mlm_tokens = ctx.sum_ints(local, "token_counts")
+    ions = model.ions
+    stats = torch.zeros(len(ions), 4, dtype=torch.float64, device=ctx.device)
+    for batch, ion in real:
+        batch = to_device(batch, ctx.device)
+        with autocast_context(ctx.device, bf16):
+            mlm_pos = batch["mlm_labels"] != -100 if spec.use_mlm else None
+            out = model(batch, ion, mlm_pos)
+            terms = loss_sums(out, batch, spec.pos_weight.get(ion, 1.0), spec.focal_gamma)
+            loss = joint_loss(terms, bce_tokens, mlm_tokens, spec.mlm_weight)
+        loss.backward()
+        i = ions.index(ion)
+        stats[i] += torch.stack([terms.bce_sum.detach().double(), torch.tensor(float(terms.bce_tokens), device=ctx.device, dtype=torch.float64),
+                                 terms.mlm_sum.detach().double(), torch.tensor(float(terms.mlm_tokens), device=ctx.device, dtype=torch.float64)])
+    return stats.cpu()
+
+
+# ---------------------------------------------------------------------------------------------
 # One fold
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -193,6 +233,7 @@ class FoldTrainer:
         self.optimizer = build_optimizer(self.model, t["learning_rate"], t["weight_decay"])
         self.masking = MaskingConfig(probability=t["mlm_probability"], mask_context=t["mask_context"]) if t["mlm_weight"] > 0 and t["mlm_probability"] > 0 else None
         self.bf16 = t["bf16"]
+        self.loss_spec = LossSpec(self.pos_weight, t["mlm_weight"], t["focal_gamma"], self.masking is not None)
         self.state = FoldState()
         self.val_examples = {
             ion: make_eval_examples(
@@ -232,56 +273,36 @@ class FoldTrainer:
         cfg, ctx, t = self.cfg, self.ctx, self.cfg["training"]
         plan = epoch_plan(cfg, self.data, self.train_records, epoch)
         mine = shard(plan, ctx.rank, ctx.world_size)
-        n_windows = math.ceil(len(mine) / t["accum_steps"])
+        n_windows = ctx.max_int(math.ceil(len(mine) / t["accum_steps"]), "steps_per_epoch")
         self.model.train()
         # Dropout RNG derived from (seed, fold, epoch, rank): a resumed run draws what an uninterrupted one would.
         torch.manual_seed(stable_seed(cfg["general"]["seed"], self.fold, epoch, ctx.rank))
-        ion_sums = torch.zeros(len(self.ions), 2, dtype=torch.float64)  # per-ion BCE sum, tokens
-        totals = {"bce": 0.0, "mlm": 0.0, "bce_tokens": 0, "mlm_tokens": 0, "tokens": 0}
-        t0 = time.time()
+        stats = torch.zeros(len(self.ions), 4, dtype=torch.float64)  # per ion: bce sum, bce tokens, mlm sum, mlm tokens
+        tokens, t0 = 0, time.time()
         for w in range(n_windows):
             window = mine[w * t["accum_steps"] : (w + 1) * t["accum_steps"]]
             batches = [self.collate_train(item, epoch) for item in window]
-            local = [sum(int(b["binding_mask"].sum()) for b, _ in batches if b is not None),
-                     sum(int((b["mlm_labels"] != -100).sum()) for b, _ in batches if b is not None)]
-            bce_tokens, mlm_tokens = ctx.sum_ints(local, "token_counts")  # global normaliser of this step
-            for item in batches:
-                if item is None:
-                    continue
-                batch, ion = item
-                batch = to_device(batch, ctx.device)
-                with autocast_context(ctx.device, self.bf16):
-                    mlm_pos = batch["mlm_labels"] != -100 if self.masking else None
-                    out = self.model(batch, ion, mlm_pos)
-                    terms = loss_sums(out, batch, self.pos_weight[ion], t["focal_gamma"])
-                    loss = joint_loss(terms, bce_tokens, mlm_tokens, t["mlm_weight"])
-                loss.backward()
-                i = self.ions.index(ion)
-                ion_sums[i, 0] += float(terms.bce_sum.detach())
-                ion_sums[i, 1] += terms.bce_tokens
-                totals["bce"] += float(terms.bce_sum.detach())
-                totals["mlm"] += float(terms.mlm_sum.detach())
-                totals["bce_tokens"] += terms.bce_tokens
-                totals["mlm_tokens"] += terms.mlm_tokens
-                totals["tokens"] += int((batch["sequence_ids"] >= 0).sum())
+            tokens += sum(int((b["sequence_ids"] >= 0).sum()) for b, _ in filter(None, batches))
+            stats += backward_window(self.model, batches, ctx, self.loss_spec, self.bf16)
             self.optimizer_step()
             if cfg["general"]["check_replicas_every"] and self.state.step % cfg["general"]["check_replicas_every"] == 0:
                 ctx.check_replicas(self.params, self.state.step)
             if ctx.is_main and ((w + 1) % cfg["general"]["log_every"] == 0 or w + 1 == n_windows):
                 elapsed = time.time() - t0
-                eta = elapsed / (w + 1) * (n_windows - w - 1)
+                s = stats.sum(0)
                 log.info(
-                    "fold %d epoch %d/%d step %d/%d | bce %.4f mlm %.4f | lr %.2e | %.0f tok/s | ETA %s",
-                    self.fold + 1, epoch + 1, t["epochs"], w + 1, n_windows,
-                    totals["bce"] / max(1, totals["bce_tokens"]), totals["mlm"] / max(1, totals["mlm_tokens"]),
-                    self.optimizer.param_groups[0]["lr"], totals["tokens"] * ctx.world_size / max(elapsed, 1e-9), _fmt_time(eta),
+                    "fold %d epoch %d/%d step %d/%d | bce %.4f mlm %.4f (rank 0) | lr %.2e | %.0f tok/s | ETA %s",
+                    self.fold + 1, epoch + 1, t["epochs"], w + 1, n_windows, s[0] / max(1.0, s[1]), s[2] / max(1.0, s[3]),
+                    self.optimizer.param_groups[0]["lr"], tokens * ctx.world_size / max(elapsed, 1e-9),
+                    _fmt_time(elapsed / (w + 1) * (n_windows - w - 1)),
                 )
-        ctx.all_reduce(ion_sums, "sum", "ion_loss")
+        ctx.all_reduce(stats, "sum", "train_loss_stats")
         return {
-            "train_bce": {ion: float(ion_sums[i, 0] / max(1.0, float(ion_sums[i, 1]))) for i, ion in enumerate(self.ions)},
-            "train_mlm_rank0": totals["mlm"] / max(1, totals["mlm_tokens"]),
+            "train_bce": {ion: float(stats[i, 0] / max(1.0, float(stats[i, 1]))) for i, ion in enumerate(self.ions)},
+            "train_mlm": float(stats[:, 2].sum() / max(1.0, float(stats[:, 3].sum()))),
             "padding_fraction": plan_padding(plan),
             "seconds": time.time() - t0,
+            "comm_bytes_per_step": self.comm_bytes,
         }
 
     def collate_train(self, item: tuple[str, list[Example]] | None, epoch: int) -> tuple[dict, str] | None:
