@@ -202,6 +202,20 @@ def backward_window(
     return stats.cpu()
 
 
+def optimizer_step(
+    params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, ctx: DistContext, max_grad_norm: float | None, lr: float
+) -> int:
+    """Sum gradients over ranks (one flat all-reduce), clip, step, clear. Returns bytes all-reduced per rank."""
+    comm = ctx.sync_gradients(params)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return comm
+
+
 # ---------------------------------------------------------------------------------------------
 # One fold
 # ---------------------------------------------------------------------------------------------
@@ -315,14 +329,8 @@ class FoldTrainer:
 
     def optimizer_step(self) -> None:
         t = self.cfg["training"]
-        self.comm_bytes = self.ctx.sync_gradients(self.params)
-        if t["max_grad_norm"]:
-            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], t["max_grad_norm"])
         lr = lr_at(self.state.step, self.total_steps, self.warmup_steps, t["learning_rate"], t["min_lr"])
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.comm_bytes = optimizer_step(self.params, self.optimizer, self.ctx, t["max_grad_norm"], lr)
         self.state.step += 1
 
     # -- validation ----------------------------------------------------------------------------

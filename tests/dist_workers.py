@@ -1,0 +1,135 @@
+"""Process bodies for the distributed tests (spawned with a file store, gloo, short timeouts)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+
+def init(rank, world, store, timeout=20.0):
+    from e1min.dist import init_distributed
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    return init_distributed(timeout, "cpu", init_method=f"file://{store}")
+
+
+def make_model(seed=1):
+    from e1min.config import preset
+    from e1min.heads import BindingModel
+    from e1min.lora import apply_lora
+    from e1min.random_checkpoint import random_model
+
+    backbone = random_model(preset("tiny"), seed=seed)
+    torch.manual_seed(seed)
+    apply_lora(backbone, r=4, alpha=8)
+    return BindingModel(backbone, ["ZN", "CA", "MG"], head_dropout=0.0)
+
+
+def micro_batches(step):
+    """The global batch of optimiser step ``step``: four micro-batches; ZN ones at even, CA at odd places."""
+    from e1min.data.dataset import Example
+
+    rng = np.random.default_rng(step)
+    out = []
+    for k in range(4):
+        exs = []
+        for i in range(int(rng.integers(1, 4))):
+            L = int(rng.integers(6, 30))
+            seq = "".join(rng.choice(list("ACDEHKLMW"), L))
+            exs.append(Example(f"s{step}m{k}p{i}", "ZN" if k % 2 == 0 else "CA", seq, (rng.random(L) < 0.3).astype(np.uint8)))
+        out.append((exs, exs[0].ion))
+    return out
+
+
+def train_steps(ctx, steps=3):
+    """Several optimiser steps on this rank's share of each global batch; returns the model."""
+    from e1min.data.collate import MaskingConfig, collate
+    from e1min.train import LossSpec, backward_window, build_optimizer, optimizer_step
+
+    model = make_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ctx.broadcast_parameters(params)
+    opt = build_optimizer(model, 1e-3, 0.01)
+    spec = LossSpec({"ZN": 3.0, "CA": 2.0}, 1.0)
+    for step in range(steps):
+        mine = micro_batches(step)[ctx.rank :: ctx.world_size]
+        batches = [(collate(exs, masking=MaskingConfig(0.3), seed=0, epoch=step), ion) for exs, ion in mine]
+        backward_window(model, batches, ctx, spec)
+        optimizer_step(params, opt, ctx, 1.0, 1e-3)
+        assert all(p.grad is None for p in model.heads["MG"].parameters())
+    return model
+
+
+def save_trainables(model, path):
+    from safetensors.torch import save_file
+
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, path)
+
+
+def worker_train(rank, world, store, out):
+    ctx = init(rank, world, store)
+    model = train_steps(ctx)
+    if rank == 0:
+        save_trainables(model, out)
+    ctx.barrier()
+    ctx.destroy()
+
+
+def validation_examples():
+    from e1min.data.fasta import Record
+
+    rng = np.random.default_rng(7)
+    recs = []
+    for i in range(9):
+        L = int(rng.integers(10, 60))
+        recs.append(Record(f"v{i}", "".join(rng.choice(list("ACDEHKLMW"), L)), (rng.random(L) < 0.2).astype(np.uint8)))
+    return recs
+
+
+def validate(ctx):
+    from e1min import metrics
+    from e1min.data.dataset import make_eval_examples
+    from e1min.data.msa import MSASampling
+    from e1min.train import predict_records
+
+    model = make_model()
+    recs = validation_examples()
+    examples = make_eval_examples(recs, "ZN", None, MSASampling(), 0, 25, 1024)
+    probs = predict_records(model, recs, examples, "ZN", ctx, 200, False)
+    m = metrics.binary_metrics(np.concatenate([r.labels for r in recs]), np.concatenate(probs))
+    return {"metrics": m, "probs": [p.tolist() for p in probs]}
+
+
+def worker_validate(rank, world, store, out):
+    ctx = init(rank, world, store)
+    result = validate(ctx)
+    if rank == 0:
+        with open(out, "w") as fh:
+            json.dump(result, fh)
+    ctx.destroy()
+
+
+def worker_stop_flag(rank, world, store, out):
+    ctx = init(rank, world, store)
+    decided = ctx.any(rank == 1)  # only rank 1 wants to stop
+    with open(f"{out}.{rank}", "w") as fh:
+        fh.write(str(decided))
+    ctx.destroy()
+
+
+def worker_dies(rank, world, store, out):
+    ctx = init(rank, world, store, timeout=8.0)
+    ctx.barrier()
+    if rank == 1:
+        os._exit(3)  # dies mid-epoch without a word
+    try:
+        for _ in range(3):
+            ctx.all_reduce(torch.ones(4), "sum", "sync_gradients")
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        with open(out, "w") as fh:
+            fh.write(f"{type(e).__name__}: {e}")
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,112 @@
+"""Hand-written data parallelism on gloo: equivalence with one process, unused heads, stop flags, dead ranks."""
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from e1min.dist import DistContext
+from tests import dist_workers as W
+from tests.conftest import toy_config
+
+
+def spawn(target, world, tmp_path, out, timeout=120):
+    ctx = mp.get_context("spawn")
+    store = tmp_path / f"store_{target.__name__}"
+    procs = [ctx.Process(target=target, args=(r, world, str(store), str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + timeout
+    for p in procs:
+        p.join(max(0.1, deadline - time.time()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung"
+    return [p.exitcode for p in procs]
+
+
+def test_two_processes_equal_one(tmp_path):
+    out = tmp_path / "two.safetensors"
+    assert spawn(W.worker_train, 2, tmp_path, out) == [0, 0]
+    two = load_file(out)
+    torch.set_num_threads(1)
+    one = W.train_steps(DistContext())
+    names = dict(one.named_parameters())
+    assert set(two) == {n for n, p in names.items() if p.requires_grad}
+    fresh = W.make_model()
+    start = dict(fresh.named_parameters())
+    moved = 0
+    for n, t in two.items():
+        assert torch.allclose(t, names[n].detach(), atol=1e-5), n
+        moved += int((t - start[n].detach()).abs().max() > 1e-4)
+    assert moved > len(two) // 2  # training really moved the replicas (far more than the tolerance)
+    # The MG head was used by no rank: it never moved, on either side.
+    for n, p in fresh.heads["MG"].named_parameters():
+        assert torch.equal(two[f"heads.MG.{n}"], p.detach())
+
+
+def test_validation_metrics_match_single_process(tmp_path):
+    out = tmp_path / "val.json"
+    assert spawn(W.worker_validate, 2, tmp_path, out) == [0, 0]
+    two = json.loads(out.read_text())
+    one = W.validate(DistContext())
+    assert len(two["probs"]) == len(one["probs"])
+    for a, b in zip(two["probs"], one["probs"]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    for k in ("auprc", "auroc", "hra", "n", "positives"):
+        assert two["metrics"][k] == pytest.approx(one["metrics"][k], abs=1e-9), k
+
+
+def test_stop_flag_agreed(tmp_path):
+    out = tmp_path / "flag"
+    assert spawn(W.worker_stop_flag, 2, tmp_path, out) == [0, 0]
+    assert [(tmp_path / f"flag.{r}").read_text() for r in range(2)] == ["True", "True"]
+
+
+def test_dead_rank_gives_clear_error(tmp_path):
+    out = tmp_path / "err.txt"
+    start = time.time()
+    codes = spawn(W.worker_dies, 2, tmp_path, out, timeout=90)
+    assert codes[1] == 3 and codes[0] == 1
+    msg = out.read_text()
+    assert "DistributedError" in msg and "rank 0/2" in msg and "sync_gradients" in msg
+    assert time.time() - start < 90
+
+
+def test_single_process_collectives_are_trivial():
+    ctx = DistContext()
+    assert ctx.sum_ints([3, 4]) == [3, 4] and ctx.any(True) and not ctx.any(False)
+    t = torch.arange(5.0)
+    assert torch.equal(ctx.gather_cat(t), t)
+    assert ctx.sync_gradients([torch.nn.Parameter(torch.ones(2))]) == 0
+
+
+def test_torchrun_two_processes_match_one(tmp_path, tiny_checkpoint):
+    """The trainer under torchrun (2 gloo ranks, accum 1) = one process with accum 2 (same global batches)."""
+    common = dict(model={"dropout": 0.0}, lora={"r": 4, "alpha": 8, "lora_dropout": 0.0})
+    one = toy_config(tmp_path / "one", tiny_checkpoint, training={"epochs": 2, "accum_steps": 2}, **common)
+    two = toy_config(tmp_path / "two", tiny_checkpoint, training={"epochs": 2, "accum_steps": 1}, **common)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    r = subprocess.run([sys.executable, "-m", "e1min.train", "--config", str(one)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "e1min.train", "--config", str(two)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    s1 = json.loads((tmp_path / "one/out/summary.json").read_text())
+    s2 = json.loads((tmp_path / "two/out/summary.json").read_text())
+    for ion in ("ZN", "CA"):
+        for key in ("auprc", "auroc", "hra"):
+            assert s2["ions"][ion][key]["mean"] == pytest.approx(s1["ions"][ion][key]["mean"], abs=1e-4), (ion, key)
+    a = load_file(tmp_path / "one/out/fold_1/best/adapter_model.safetensors")
+    b = load_file(tmp_path / "two/out/fold_1/best/adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
