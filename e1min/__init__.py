@@ -3,8 +3,10 @@
 Importing e1min has no side effects: no logging setup, no threads, no downloads.
 """
 
+from e1min.adapters import load_adapter, save_adapter
 from e1min.config import E1Config
 from e1min.hub import load_model
+from e1min.lora import LoRALinear, apply_lora, merge_lora, trainable_parameters, unmerge_lora
 from e1min.model import E1ForMaskedLM, E1Model, E1Output
 from e1min.tokenizer import prepare_batch
 
@@ -18,4 +20,11 @@ __all__ = [
     "E1Output",
     "load_model",
     "prepare_batch",
+    "LoRALinear",
+    "apply_lora",
+    "merge_lora",
+    "unmerge_lora",
+    "trainable_parameters",
+    "save_adapter",
+    "load_adapter",
 ]

@@ -1,0 +1,345 @@
+"""LoRA for E1: a ``LoRALinear`` wrapper, injection by module-name suffix, merge/unmerge, parameter report.
+
+Conventions follow Hugging Face PEFT (without importing it): ``lora_A`` (r x in) is initialised
+Kaiming-uniform with a = sqrt(5), ``lora_B`` (out x r) with zeros, the update is scaled by
+``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), and dropout acts on the LoRA branch's input only.
+A fresh adapter therefore leaves every output bit-identical to the base model.
+
+Dtypes: the frozen base weight keeps its dtype (bf16 for the released checkpoints) and is used in
+place, never copied; ``lora_A``/``lora_B`` are float32. Outside autocast the LoRA branch runs in
+float32 and is cast to the output dtype; under autocast its matmuls follow autocast like any Linear.
+
+Merging: ``merge()`` adds ``scaling * B @ A`` into the base weight in place (computed in float32, then
+cast to the weight's dtype) and the forward then skips the LoRA branch, so a merged model runs at the
+base model's speed. No copy of the original weight is kept: ``unmerge()`` subtracts the same update,
+which restores a float32 base to round-off (~1e-7 relative) and a bf16 base to within bf16 round-off
+of the update's magnitude. Keep the base checkpoint if you need the bf16 weights bit-exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")
+MODULE_TYPES: tuple[str, ...] = DEFAULT_TARGETS
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class LoRAError(ValueError):
+    """A LoRA request that cannot be honoured (unknown target, nothing matched, already applied, ...)."""
+
+
+@dataclass
+class LoRAConfig:
+    """What ``apply_lora`` did; stored as ``model.lora_config`` and written into ``adapter_config.json``."""
+
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    layers: tuple[int, ...] | None = None
+    use_rslora: bool = False
+    train_mlm_head: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise LoRAError(f"unknown LoRA config field(s): {', '.join(unknown)}")
+        d = dict(d)
+        if "target_modules" in d:
+            d["target_modules"] = tuple(d["target_modules"])
+        if d.get("layers") is not None:
+            d["layers"] = tuple(int(i) for i in d["layers"])
+        return cls(**d)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's scaling: ``alpha / r``, or ``alpha / sqrt(r)`` for rank-stabilised LoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update: ``y = W x + b + scaling * B A dropout(x)``.
+
+    ``self.weight`` / ``self.bias`` *are* the wrapped Linear's parameters (same objects, frozen), so the
+    module's state-dict keys are ``<path>.weight`` (unchanged), ``<path>.lora_A`` and ``<path>.lora_B``.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise LoRAError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise LoRAError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        base.weight.requires_grad_(False)
+        self.weight = base.weight
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.bias = base.bias
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=torch.float32, device=device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default (``init_lora_weights=True``): A Kaiming-uniform (a = sqrt(5)), B zeros."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        h = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(self.lora_A.dtype)
+        delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        # With B = 0 the update is exactly zero and out + 0 == out bit for bit.
+        return out + delta.to(out.dtype)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` in float32, shape (out, in)."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (in place); the forward then skips the LoRA branch."""
+        if self.merged:
+            return
+        self._add_to_weight(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (exact to float round-off; see the module docstring for bf16)."""
+        if not self.merged:
+            return
+        self._add_to_weight(-self.delta_weight())
+        self.merged = False
+
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
+        w = self.weight
+        if w.dtype == torch.float32:
+            w.add_(delta.to(w.device))
+        else:
+            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
+            f"scaling={self.scaling:g}, dropout={getattr(self.lora_dropout, 'p', 0.0)}, merged={self.merged}"
+        )
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear of the model by module path (e.g. ``model.layers.0.norm_attn_norm.self_attn.q_proj``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _validate_targets(target_modules: Any) -> tuple[str, ...]:
+    if isinstance(target_modules, str):
+        raise LoRAError(
+            f"target_modules={target_modules!r}: give a list of module names (suffix match, e.g. "
+            f"{list(DEFAULT_TARGETS)}); a single string would be a regex in PEFT, which e1min does not implement"
+        )
+    targets = tuple(target_modules)
+    if not targets:
+        raise LoRAError("target_modules is empty")
+    bad = [t for t in targets if not isinstance(t, str) or not t]
+    if bad:
+        raise LoRAError(f"target_modules must be non-empty strings, got {bad!r}")
+    return targets
+
+
+def find_targets(
+    model: nn.Module, target_modules: Sequence[str] = DEFAULT_TARGETS, layers: Iterable[int] | None = None
+) -> dict[str, nn.Module]:
+    """The Linear (or already wrapped) modules of the backbone that ``apply_lora`` would wrap, by path.
+
+    A target matches a module path that equals it or ends with ``.<target>`` (PEFT's list semantics);
+    only modules inside ``model.layers.<i>.`` are candidates. Errors name unknown targets, targets that
+    match nothing in the selected layers, and layer indices that do not exist.
+    """
+    targets = _validate_targets(target_modules)
+    n_layers = len(model.model.layers)
+    if layers is not None:
+        layers = tuple(int(i) for i in layers)
+        if not layers:
+            raise LoRAError("layers is empty: nothing to adapt (use None for all layers)")
+        out_of_range = sorted({i for i in layers if not 0 <= i < n_layers})
+        if out_of_range:
+            raise LoRAError(f"layers {out_of_range} do not exist; the model has layers 0..{n_layers - 1}")
+    candidates: dict[str, tuple[int, nn.Module]] = {}
+    for name, module in model.named_modules():
+        m = _LAYER_RE.match(name)
+        if m and isinstance(module, (nn.Linear, LoRALinear)):
+            candidates[name] = (int(m.group(1)), module)
+    known = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+
+    def matches(name: str, t: str) -> bool:
+        return name == t or name.endswith("." + t)
+
+    unknown = [t for t in targets if not any(matches(n, t) for n in candidates)]
+    if unknown:
+        raise LoRAError(f"unknown target module(s) {unknown}: they match no Linear layer of the backbone; known: {known}")
+    selected = {n: mod for n, (i, mod) in candidates.items() if (layers is None or i in layers) and any(matches(n, t) for t in targets)}
+    empty = [t for t in targets if not any(matches(n, t) for n in selected)]
+    if empty:
+        raise LoRAError(f"target module(s) {empty} match nothing in layers {list(layers) if layers else 'all'}")
+    return selected
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    layers: Iterable[int] | None = None,
+    use_rslora: bool = False,
+    train_mlm_head: bool = False,
+) -> nn.Module:
+    """Wrap the backbone's matching Linear layers in LoRALinear and freeze everything else; returns ``model``.
+
+    ``target_modules``: module-name suffixes (default: the 7 projections q/k/v/o_proj, w1/w2/w3).
+    ``layers``: indices of the decoder layers to adapt (default all). ``train_mlm_head`` keeps the
+    pretrained MLM head trainable (saved as PEFT ``modules_to_save``). The config is stored as
+    ``model.lora_config``.
+    """
+    if lora_modules(model):
+        raise LoRAError("the model already has LoRA layers; load a fresh base model to apply a new adapter")
+    targets = _validate_targets(target_modules)
+    layers_t = None if layers is None else tuple(sorted({int(i) for i in layers}))
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise LoRAError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise LoRAError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise LoRAError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    # Everything is checked before the model is modified: a failed call leaves it untouched.
+    selected = find_targets(model, targets, layers_t)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, base in selected.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(base, r, alpha, dropout, use_rslora))
+    if train_mlm_head:
+        for p in model.mlm_head.parameters():
+            p.requires_grad_(True)
+    model.lora_config = LoRAConfig(
+        r=r, alpha=alpha, dropout=dropout, target_modules=targets, layers=layers_t, use_rslora=use_rslora, train_mlm_head=train_mlm_head
+    )
+    return model
+
+
+def _require_lora(model: nn.Module) -> dict[str, LoRALinear]:
+    mods = lora_modules(model)
+    if not mods:
+        raise LoRAError("the model has no LoRA layers (call apply_lora or load_adapter first)")
+    return mods
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (inference at base speed); ``unmerge_lora`` undoes it."""
+    for m in _require_lora(model).values():
+        m.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    for m in _require_lora(model).values():
+        m.unmerge()
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{<module path>.lora_A: (r, in), <module path>.lora_B: (out, r)}``, detached (the LoRA parameters only)."""
+    out = {}
+    for name, m in _require_lora(model).items():
+        out[f"{name}.lora_A"] = m.lora_A.detach()
+        out[f"{name}.lora_B"] = m.lora_B.detach()
+    return out
+
+
+def _module_type(name: str, lora_paths: set[str]) -> str:
+    if name.startswith("mlm_head."):
+        return "mlm_head"
+    module, _, _ = name.rpartition(".")
+    if module in lora_paths:
+        return module.rsplit(".", 1)[-1]
+    return "other"
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, Any]:
+    """Trainable / total parameter counts by module type (q_proj .. w3, mlm_head, other), overall and in percent.
+
+    Returns ``{"by_type": {type: {"trainable": n, "total": n}}, "trainable": n, "total": n, "percent": x}``.
+    The LoRA-wrapped projections count their frozen base weight in ``total`` and A + B in ``trainable``.
+    """
+    lora_paths = set(lora_modules(model))
+    by_type: dict[str, dict[str, int]] = {t: {"trainable": 0, "total": 0} for t in (*MODULE_TYPES, "mlm_head", "other")}
+    for name, p in model.named_parameters():
+        t = _module_type(name, lora_paths)
+        if t not in by_type:
+            by_type[t] = {"trainable": 0, "total": 0}
+        by_type[t]["total"] += p.numel()
+        if p.requires_grad:
+            by_type[t]["trainable"] += p.numel()
+    trainable = sum(v["trainable"] for v in by_type.values())
+    total = sum(v["total"] for v in by_type.values())
+    return {"by_type": by_type, "trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+def format_trainable_parameters(report: dict[str, Any]) -> str:
+    """A fixed-width table of ``trainable_parameters(model)``."""
+    lines = [f"{'module':<10} {'trainable':>14} {'total':>16}"]
+    for t, v in report["by_type"].items():
+        if v["total"]:
+            lines.append(f"{t:<10} {v['trainable']:>14,} {v['total']:>16,}")
+    lines.append(f"{'all':<10} {report['trainable']:>14,} {report['total']:>16,}  ({report['percent']:.3f}% trainable)")
+    return "\n".join(lines)
+
+
+def lora_parameter_count(
+    config: Any, r: int = 16, target_modules: Sequence[str] = DEFAULT_TARGETS, layers: Iterable[int] | None = None
+) -> int:
+    """Closed form: sum of r * (in + out) over the wrapped layers of an E1 with ``config`` (an E1Config)."""
+    h, inter, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "w1": (h, inter), "w3": (h, inter), "w2": (inter, h)}
+    targets = _validate_targets(target_modules)
+    unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in shapes]
+    if unknown:
+        raise LoRAError(f"unknown target module(s) {unknown}; known: {sorted(shapes)}")
+    n_layers = config.num_hidden_layers if layers is None else len(set(layers))
+    per_layer = sum(r * sum(shapes[t]) for t in dict.fromkeys(t.rsplit(".", 1)[-1] for t in targets))
+    return per_layer * n_layers
