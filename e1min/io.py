@@ -30,7 +30,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -61,7 +61,7 @@ def encode(
     seqs = sequences.split(",") if isinstance(sequences, str) else list(sequences)
     if len(seqs) > max_num_sequences:
         raise EncodingError(f"{len(seqs)} sequences in one example (at most {max_num_sequences})")
-    pieces, seq_ids, lengths = [], [], []
+    pieces, lengths = [], []
     for k, seq in enumerate(seqs):
         if len(seq) + SPECIALS_PER_SEQUENCE > max_positions_within_seq:
             raise EncodingError(

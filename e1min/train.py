@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from e1min import metrics
-from e1min.checkpoint import load_state, read_meta, save_state, state_dir
+from e1min.checkpoint import load_state, save_state, state_dir
 from e1min.data.batching import fixed_size_batches, interleave, padding_fraction, shard, shard_eval, token_budget_batches
 from e1min.data.collate import MaskingConfig, collate
 from e1min.data.dataset import Example, ion_stats, load_ion_records, make_eval_examples, make_train_examples, pos_weight

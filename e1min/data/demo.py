@@ -8,7 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from e1min.data.fasta import Record, atomic_write_text, format_fasta
+from e1min.data.fasta import Record, format_fasta
+from e1min.io import atomic_write_text
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 # Background composition (UniProt-like, percent).

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from e1min.io import atomic_write_text
 
 _BAD_RESIDUE = re.compile(r"[^A-Z]")
 _DIGITS = re.compile(r"[0-9]")
@@ -130,21 +131,6 @@ def read_fasta(path: str | os.PathLike, require_labels: bool = False) -> list[Re
             raise DataError(f"{path}:{hline}: record {rec.id!r}: no label line (labels are required here)")
         records.append(rec)
     return records
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file in the same directory, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def format_fasta(records: Iterable[Record]) -> str:

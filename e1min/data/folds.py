@@ -9,7 +9,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from e1min.data.fasta import DataError, Record, atomic_write_text
+from e1min.data.fasta import DataError, Record
+from e1min.io import atomic_write_text
 from e1min.data.seeding import stable_seed
 
 FOLDS_VERSION = 1

@@ -1,0 +1,61 @@
+"""Forward throughput (tokens/s) and peak memory of an E1-150m-shaped model (random weights) on CPU.
+
+    python tools/bench_model.py [--preset e1-150m] [--repeats 3]
+
+Rows: batch x length, single sequence or with context (context sequences of the same length + the query),
+float32 weights and bfloat16 weights. Each row runs in a fresh process (peak RSS is that row's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from benchlib import machine_line, peak_rss_mb, print_table, run_child, timed  # noqa: E402
+
+SETTINGS = [
+    {"batch": 1, "length": 256, "context": 0},
+    {"batch": 8, "length": 256, "context": 0},
+    {"batch": 2, "length": 1024, "context": 0},
+    {"batch": 1, "length": 256, "context": 7},
+]
+
+
+def child(s: dict) -> dict:
+    from e1min.config import preset
+    from e1min.random_checkpoint import random_model
+    from e1min.tokenizer import prepare_batch
+
+    torch.manual_seed(0)
+    model = random_model(preset(s["preset"]), seed=0, dtype=getattr(torch, s["dtype"]))
+    seq = "".join("ACDEFGHIKLMNPQRSTVWY"[i % 20] for i in range(s["length"]))
+    row = ",".join([seq] * (s["context"] + 1))
+    batch = prepare_batch([row] * s["batch"])
+    tokens = int((batch["sequence_ids"] >= 0).sum())
+    with torch.inference_mode():
+        sec = timed(lambda: model(**batch), s["repeats"])
+    return {**s, "tokens": tokens, "tok_s": tokens / sec, "ms": sec * 1000, "rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="e1-150m")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+    print(f"bench_model: {a.preset} forward (inference_mode), {machine_line()}")
+    rows = [run_child(__file__, {**s, "dtype": d, "preset": a.preset, "repeats": a.repeats}) for d in a.dtypes for s in SETTINGS]
+    print_table(rows, [("dtype", "dtype", ""), ("batch", "batch", "d"), ("length", "length", "d"), ("context", "context seqs", "d"),
+                       ("tokens", "tokens", "d"), ("ms", "ms/forward", ".0f"), ("tok_s", "tokens/s", ".0f"), ("rss_mb", "peak RSS MB", ".0f")])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Optimiser-step throughput and peak memory of joint LoRA training, E1-150m shape (random weights), CPU.
+
+    python tools/bench_train.py [--preset e1-150m] [--steps 3]
+
+One step = forward + backward of the joint loss (ion-head BCE + MLM through mlm_head) on one batch,
+gradient sync (a no-op in one process), clipping and AdamW. Rows vary batch x length, context,
+float32 vs bfloat16 autocast, and activation checkpointing. Each row runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from benchlib import machine_line, peak_rss_mb, print_table, run_child, timed  # noqa: E402
+
+SETTINGS = [
+    {"batch": 2, "length": 256, "context": 0, "precision": "float32", "ckpt": False},
+    {"batch": 2, "length": 256, "context": 0, "precision": "bf16-autocast", "ckpt": False},
+    {"batch": 2, "length": 256, "context": 0, "precision": "bf16-base+autocast", "ckpt": False},
+    {"batch": 2, "length": 256, "context": 0, "precision": "float32", "ckpt": True},
+    {"batch": 8, "length": 256, "context": 0, "precision": "bf16-autocast", "ckpt": False},
+    {"batch": 1, "length": 256, "context": 3, "precision": "float32", "ckpt": False},
+    {"batch": 1, "length": 256, "context": 3, "precision": "bf16-autocast", "ckpt": False},
+    {"batch": 1, "length": 256, "context": 3, "precision": "bf16-autocast", "ckpt": True},
+]
+
+
+def child(s: dict) -> dict:
+    from e1min.config import preset
+    from e1min.data.collate import MaskingConfig, collate
+    from e1min.data.dataset import Example
+    from e1min.dist import DistContext
+    from e1min.heads import BindingModel
+    from e1min.lora import apply_lora
+    from e1min.random_checkpoint import random_model
+    from e1min.train import LossSpec, backward_window, build_optimizer, optimizer_step
+
+    torch.manual_seed(0)
+    base_dtype = torch.bfloat16 if s["precision"] == "bf16-base+autocast" else torch.float32
+    backbone = random_model(preset(s["preset"]), seed=0, dtype=base_dtype)
+    apply_lora(backbone, r=16, alpha=32)
+    backbone.set_gradient_checkpointing(s["ckpt"])
+    model = BindingModel(backbone, ["ZN"], head_dropout=0.3).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, 1e-4, 0.035)
+    rng = np.random.default_rng(0)
+    alphabet = list("ACDEFGHIKLMNPQRSTVWY")
+
+    def seq():
+        return "".join(rng.choice(alphabet, s["length"]))
+
+    examples = [Example(f"p{i}", "ZN", seq(), (rng.random(s["length"]) < 0.02).astype(np.uint8),
+                        context=[seq() for _ in range(s["context"])]) for i in range(s["batch"])]
+    batch = collate(examples, masking=MaskingConfig(0.15), seed=0, epoch=0)
+    tokens = int((batch["sequence_ids"] >= 0).sum())
+    ctx = DistContext()
+    bf16 = s["precision"] != "float32"
+
+    def step():
+        backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), bf16=bf16)
+        optimizer_step(params, opt, ctx, 1.0, 1e-4)
+
+    sec = timed(step, s["steps"])
+    return {**s, "tokens": tokens, "tok_s": tokens / sec, "prot_s": s["batch"] / sec, "s_step": sec, "rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="e1-150m")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+    print(f"bench_train: {a.preset} + LoRA r=16 (7 targets) + ion head, joint BCE+MLM, AdamW; {machine_line()}")
+    rows = [run_child(__file__, {**s, "preset": a.preset, "steps": a.steps}) for s in SETTINGS]
+    print_table(rows, [("batch", "batch", "d"), ("length", "length", "d"), ("context", "context seqs", "d"),
+                       ("precision", "precision", ""), ("ckpt", "act. ckpt", ""), ("tokens", "tokens", "d"),
+                       ("s_step", "s/step", ".2f"), ("tok_s", "tokens/s", ".0f"), ("prot_s", "proteins/s", ".2f"),
+                       ("rss_mb", "peak RSS MB", ".0f")])
+
+
+if __name__ == "__main__":
+    main()
