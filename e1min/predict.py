@@ -42,7 +42,7 @@ from e1min.checkpoint import HEADS_FILE, META_FILE, RunCheckpointError, load_hea
 from e1min.data.batching import shard_eval, token_budget_batches
 from e1min.data.collate import collate
 from e1min.data.dataset import Example, make_eval_examples, stitch_predictions
-from e1min.data.fasta import DataError, Record
+from e1min.data.fasta import DataError, Record, read_fasta
 from e1min.data.msa import VALIDATION_SAMPLING, ContextProvider, MSASampling, parse_a3m
 from e1min.scoring import autocast_context, score_examples, to_device
 
@@ -151,10 +151,15 @@ class Predictor:
         ions: Sequence[str] | None = None,
         provider: ContextProvider | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> dict[str, list[np.ndarray]]:
-        """ion -> per record (in ``records`` order) a (folds, length) float32 array of probabilities."""
+        """ion -> per record (in ``records`` order) a (folds, length) float32 array of probabilities.
+
+        ``seed`` seeds MSA context sampling; default: the run's seed, so the training run's out-of-fold
+        predictions are reproduced exactly.
+        """
         ions = self._check_ions(ions)
+        seed = self.meta.get("seed", 0) if seed is None else seed
         examples = {
             ion: make_eval_examples(records, ion, provider, self.sampling, seed, self.max_query_length, self.max_example_tokens)
             for ion in ions
@@ -175,7 +180,7 @@ class Predictor:
         ions: Sequence[str] | None = None,
         provider: ContextProvider | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
         """{protein id: {ion: (mean probability, std across folds)}} per residue.
 
@@ -418,36 +423,15 @@ def read_input_fasta(
     ``max_length``) is a DataError naming file, line and id, or with ``skip_invalid`` it is returned in
     the skipped list instead.
     """
-    from e1min.data import fasta as F
+    skipped: list[Skipped] = []
+
+    def skip(rid: str, error: DataError) -> None:
+        if not skip_invalid:
+            raise DataError(f"{error} (use --skip-invalid to skip such proteins)") from None
+        skipped.append(Skipped(rid, str(error)))
 
     path = Path(path)
-    lines = F._read_lines(path)
-    if not lines:
-        raise DataError(f"{path}: empty file (no records)")
-    if not lines[0][1].startswith(">"):
-        raise DataError(f"{path}:{lines[0][0]}: expected a '>' header line, got {lines[0][1][:40]!r}")
-    records: list[Record] = []
-    skipped: list[Skipped] = []
-    seen: dict[str, int] = {}
-    header_idx = [i for i, (_, text) in enumerate(lines) if text.startswith(">")] + [len(lines)]
-    for a, b in zip(header_idx[:-1], header_idx[1:]):
-        hline, htext = lines[a]
-        rid = htext[1:].split()[0] if htext[1:].strip() else f"<line {hline}>"
-        try:
-            rec = F._parse_record(path, lines[a], lines[a + 1 : b])
-            if rec.id in seen:
-                raise DataError(f"{path}:{hline}: record {rec.id!r}: duplicate id (first at line {seen[rec.id]})")
-            if require_labels and rec.labels is None:
-                raise DataError(f"{path}:{hline}: record {rec.id!r}: no label line (evaluate needs labelled FASTA)")
-            if max_length is not None and len(rec.sequence) > max_length:
-                raise DataError(f"{path}:{hline}: record {rec.id!r}: {len(rec.sequence)} residues, more than the {max_length} this model can take")
-        except DataError as e:
-            if not skip_invalid:
-                raise DataError(f"{e} (use --skip-invalid to skip such proteins)") from None
-            skipped.append(Skipped(rid, str(e)))
-            continue
-        seen[rec.id] = hline
-        records.append(rec)
+    records = read_fasta(path, require_labels=require_labels, max_length=max_length, on_invalid=skip)
     if not records:
         raise DataError(f"{path}: no valid records ({len(skipped)} skipped as invalid)")
     return records, skipped
@@ -559,7 +543,7 @@ def predict_stream(
     provider: ContextProvider | None,
     max_tokens: int,
     chunk_size: int = DEFAULT_CHUNK,
-    seed: int = 0,
+    seed: int | None = None,
     progress: Progress | None = None,
 ) -> Iterator[tuple[Record, dict[str, tuple[np.ndarray, np.ndarray]]]]:
     """(record, {ion: (mean, std)}) for every record, in input order, computed ``chunk_size`` proteins at a time.
@@ -571,7 +555,7 @@ def predict_stream(
         chunk = list(records[a : a + chunk_size])
         per_fold = predictor.fold_probabilities(chunk, ions, provider, max_tokens, seed)
         if provider is not None:
-            provider._cache.clear()  # bounded memory on proteome-sized inputs
+            provider.clear_cache()  # bounded memory on proteome-sized inputs
         for i, rec in enumerate(chunk):
             yield rec, {ion: (per_fold[ion][i].mean(0), per_fold[ion][i].std(0)) for ion in ions}
         if progress is not None:
@@ -653,7 +637,7 @@ def predict_file(
     fmt: str = "tsv",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     chunk_size: int = DEFAULT_CHUNK,
-    seed: int = 0,
+    seed: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     barrier=None,
@@ -789,7 +773,7 @@ def evaluate_records(
     provider: ContextProvider | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     chunk_size: int = DEFAULT_CHUNK,
-    seed: int = 0,
+    seed: int | None = None,
     min_recall: float = 0.7,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -972,7 +956,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--msa-dir", default=None, help="A3M directory ({msa_dir}/{ION}/{id}.a3m or {msa_dir}/{id}.a3m)")
     p.add_argument("--ions", default=None, help="comma-separated subset of the model's ions (default: all)")
     p.add_argument("--folds", default=None, help="comma-separated 1-based folds of a run directory (default: all complete)")
-    p.add_argument("--seed", type=int, default=0, help="seed of MSA context sampling")
+    p.add_argument("--seed", type=int, default=None, help="seed of MSA context sampling (default: the run's seed)")
 
 
 def _positive(name: str, v: int) -> None:

@@ -377,7 +377,7 @@ class FoldTrainer:
     def meta(self, per_ion: dict) -> dict[str, Any]:
         c = self.cfg
         return {
-            "fold": self.fold + 1, "epoch": self.state.epoch, "ions": self.ions,
+            "fold": self.fold + 1, "epoch": self.state.epoch, "ions": self.ions, "seed": c["general"]["seed"],
             "base_model": _base_model_id(c["model"]["checkpoint"]), "base_revision": c["model"]["revision"],
             "base_config": self.model.backbone.config.to_dict(),
             "lora": {k: c["lora"][k] for k in ("r", "alpha", "lora_dropout", "target_modules", "train_mlm_head", "use_rslora", "layers")},

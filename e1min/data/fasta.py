@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -107,10 +107,17 @@ def _parse_record(path: Path, header: tuple[int, str], body: list[tuple[int, str
     return Record(rid, sequence, labels)
 
 
-def read_fasta(path: str | os.PathLike, require_labels: bool = False) -> list[Record]:
+def read_fasta(
+    path: str | os.PathLike,
+    require_labels: bool = False,
+    max_length: int | None = None,
+    on_invalid: Callable[[str, DataError], None] | None = None,
+) -> list[Record]:
     """Read labelled (3-line) and unlabelled (2-line or wrapped) FASTA records.
 
-    Raises DataError naming file, line and record id on any malformed input.
+    Raises DataError naming file, line and record id on any malformed input. With ``on_invalid``, a bad
+    record (invalid residue, bad labels, duplicate id, missing labels, longer than ``max_length``) is
+    passed to ``on_invalid(record_id, error)`` and left out instead; file-level problems still raise.
     """
     path = Path(path)
     lines = _read_lines(path)
@@ -122,13 +129,21 @@ def read_fasta(path: str | os.PathLike, require_labels: bool = False) -> list[Re
     seen: dict[str, int] = {}
     header_idx = [i for i, (_, text) in enumerate(lines) if text.startswith(">")] + [len(lines)]
     for a, b in zip(header_idx[:-1], header_idx[1:]):
-        rec = _parse_record(path, lines[a], lines[a + 1 : b])
-        hline = lines[a][0]
-        if rec.id in seen:
-            raise DataError(f"{path}:{hline}: record {rec.id!r}: duplicate id (first at line {seen[rec.id]})")
+        hline, htext = lines[a]
+        try:
+            rec = _parse_record(path, lines[a], lines[a + 1 : b])
+            if rec.id in seen:
+                raise DataError(f"{path}:{hline}: record {rec.id!r}: duplicate id (first at line {seen[rec.id]})")
+            if require_labels and rec.labels is None:
+                raise DataError(f"{path}:{hline}: record {rec.id!r}: no label line (labels are required here)")
+            if max_length is not None and len(rec.sequence) > max_length:
+                raise DataError(f"{path}:{hline}: record {rec.id!r}: {len(rec.sequence)} residues, more than the limit of {max_length}")
+        except DataError as e:
+            if on_invalid is None:
+                raise
+            on_invalid(htext[1:].split()[0] if htext[1:].strip() else f"<line {hline}>", e)
+            continue
         seen[rec.id] = hline
-        if require_labels and rec.labels is None:
-            raise DataError(f"{path}:{hline}: record {rec.id!r}: no label line (labels are required here)")
         records.append(rec)
     return records
 

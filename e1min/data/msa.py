@@ -238,6 +238,10 @@ class ContextProvider:
         """Whether an MSA directory was configured."""
         return self.msa_dir is not None
 
+    def clear_cache(self) -> None:
+        """Drop parsed MSAs (callers streaming through large inputs keep memory bounded)."""
+        self._cache.clear()
+
     @property
     def missing(self) -> set[tuple[str, str]]:
         """(ion, protein id) pairs looked up without finding an MSA."""
