@@ -14,8 +14,11 @@ NGPU       ?= 1
 CONFIG     ?= configs/demo.yaml
 ARGS       ?=
 DEMO_DIR   ?= demo_data
+# Real lengths for the batching/prediction benchmarks; the demo data stands in on a machine without it.
+BENCH_FASTA ?= ../shared/data/metal/ZN_train.fasta
 
 PY    := $(VENV)/bin/python
+BENCH := $(if $(wildcard $(BENCH_FASTA)),$(BENCH_FASTA),$(DEMO_DIR)/data/ZN_train.fasta)
 STAMP := $(VENV)/.installed
 
 .PHONY: install test train demo-data bench clean
@@ -43,10 +46,12 @@ demo-data: $(DEMO_DIR)/.done
 train: $(STAMP) $(if $(findstring demo,$(CONFIG)),$(DEMO_DIR)/.done)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m e1min.train --config $(CONFIG) $(ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) $(DEMO_DIR)/.done
 	$(PY) tools/bench_model.py
+	$(PY) tools/bench_load.py
 	$(PY) tools/bench_train.py
-	$(PY) tools/bench_batching.py
+	$(PY) tools/bench_batching.py $(BENCH)
+	$(PY) tools/bench_predict.py --fasta $(BENCH)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) results/demo .pytest_cache
