@@ -44,7 +44,7 @@ from e1min.data.collate import collate
 from e1min.data.dataset import Example, make_eval_examples, stitch_predictions
 from e1min.data.fasta import DataError, Record, read_fasta
 from e1min.data.msa import VALIDATION_SAMPLING, ContextProvider, MSASampling, parse_a3m
-from e1min.scoring import autocast_context, score_examples, to_device
+from e1min.scoring import autocast_context, score_examples, to_device, use_bf16
 
 __all__ = [
     "Predictor",
@@ -312,7 +312,7 @@ def _build(metas: list[dict], base_model, device, dtype, bf16, merge: bool, name
         merge_lora(backbone)
         merged = True
     if bf16 is None:
-        bf16 = device.type == "cuda"
+        bf16 = use_bf16(device, True)
     pred = Predictor(model=model, ions=ions, thresholds=_read_thresholds(run_dir), meta=first, device=device, bf16=bool(bf16),
                      folds=folds, fold_names=names, merged=merged, run_dir=run_dir)
     if folds:
@@ -333,7 +333,7 @@ def load_checkpoint(
     Base E1 from checkpoint.json's ``base_model``/``base_revision`` (or ``base_model``: a local directory or
     Hub id of the same shape), LoRA adapter applied and merged (``merge=False`` keeps it separate), ion
     heads loaded, thresholds from the run's ``thresholds.json`` when present. ``dtype``: base weights
-    (default float32); ``bf16``: autocast (default: on CUDA only).
+    (default float32); ``bf16``: autocast (default: on CUDA and on CPUs with native bf16).
     """
     d = _resolve_state(fold_dir)
     _check_state_files(d)
@@ -1109,7 +1109,7 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
     if skipped:
         print(f"skipped {len(skipped)} invalid protein(s): " + "; ".join(f"{s.id}: {s.reason}" for s in skipped[:5]), file=sys.stderr)
     device = next(backbone.parameters()).device
-    bf16 = device.type == "cuda" and not args.no_bf16
+    bf16 = use_bf16(device, not args.no_bf16)
     stats = embed_file(backbone, records, args.out, args.per_residue, args.shard_size, max_tokens=args.max_tokens,
                        max_query_length=max_len, device=device, bf16=bf16, info=info, progress=not args.quiet)
     print(f"wrote {stats['shards']} shard(s) and index.json to {args.out} ({len(records)} proteins)", file=sys.stderr)

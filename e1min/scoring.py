@@ -16,6 +16,22 @@ from e1min.data.collate import collate
 from e1min.data.dataset import Example
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX). Without them, bf16 matmuls are
+    emulated and far slower than float32 (measured ~100x on an AVX2-only EPYC: tools/bench_model.py)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(device: torch.device, requested: bool) -> bool:
+    """bf16 autocast when requested and the device runs it fast: CUDA, or a CPU with native bf16."""
+    return requested and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
+
+
 def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` when asked for, otherwise a no-op."""
     if not bf16:

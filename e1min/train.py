@@ -35,7 +35,7 @@ from e1min.data.seeding import stable_seed
 from e1min.dist import DistContext, init_distributed
 from e1min.heads import BindingModel, joint_loss, loss_sums
 from e1min.io import atomic_write_json, atomic_write_text
-from e1min.scoring import autocast_context, iter_scored, to_device
+from e1min.scoring import autocast_context, iter_scored, to_device, use_bf16
 from e1min.train_config import dump_config, load_config
 
 log = logging.getLogger("e1min")
@@ -246,7 +246,9 @@ class FoldTrainer:
         ctx.broadcast_parameters(self.params)
         self.optimizer = build_optimizer(self.model, t["learning_rate"], t["weight_decay"])
         self.masking = MaskingConfig(probability=t["mlm_probability"], mask_context=t["mask_context"]) if t["mlm_weight"] > 0 and t["mlm_probability"] > 0 else None
-        self.bf16 = t["bf16"]
+        self.bf16 = use_bf16(ctx.device, t["bf16"])
+        if t["bf16"] and not self.bf16:
+            log.info("note: training.bf16 ignored on %s (no native bf16: emulated bf16 is far slower than float32)", ctx.device)
         self.loss_spec = LossSpec(self.pos_weight, t["mlm_weight"], t["focal_gamma"], self.masking is not None)
         self.state = FoldState()
         self.val_examples = {

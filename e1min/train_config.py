@@ -82,7 +82,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...] | type, Any]]] = {
         "selection_metric": (str, "auprc"),
         "threshold_method": (str, "youden"),
         "output_dir": (str, "results/run"),
-        "bf16": (bool, False),  # bf16 autocast (CUDA; on CPU only when general.device is cpu and this is set)
+        "bf16": (bool, False),  # bf16 autocast on CUDA (and on CPUs with native bf16; ignored with a note otherwise)
         "msa_sampling": (dict, {}),
         "validation_msa_sampling": (dict, {}),
         "eval_max_tokens_per_batch": (int, 16384),

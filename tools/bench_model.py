@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from benchlib import machine_line, peak_rss_mb, print_table, run_child, timed  # noqa: E402
+from benchlib import default_bf16_rows, machine_line, peak_rss_mb, print_table, run_child, timed  # noqa: E402
 
 SETTINGS = [
     {"batch": 1, "length": 256, "context": 0},
@@ -45,14 +45,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="e1-150m")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--dtypes", nargs="+", default=None, help="default: float32, plus bfloat16 where the CPU has native bf16")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return
+    dtypes = a.dtypes or (["float32", "bfloat16"] if default_bf16_rows() else ["float32"])
     print(f"bench_model: {a.preset} forward (inference_mode), {machine_line()}")
-    rows = [run_child(__file__, {**s, "dtype": d, "preset": a.preset, "repeats": a.repeats}) for d in a.dtypes for s in SETTINGS]
+    rows = [run_child(__file__, {**s, "dtype": d, "preset": a.preset, "repeats": a.repeats}) for d in dtypes for s in SETTINGS]
     print_table(rows, [("dtype", "dtype", ""), ("batch", "batch", "d"), ("length", "length", "d"), ("context", "context seqs", "d"),
                        ("tokens", "tokens", "d"), ("ms", "ms/forward", ".0f"), ("tok_s", "tokens/s", ".0f"), ("rss_mb", "peak RSS MB", ".0f")])
 

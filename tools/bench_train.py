@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from benchlib import machine_line, peak_rss_mb, print_table, run_child, timed  # noqa: E402
+from benchlib import default_bf16_rows, machine_line, peak_rss_mb, print_table, run_child, timed  # noqa: E402
 
 SETTINGS = [
     {"batch": 2, "length": 256, "context": 0, "precision": "float32", "ckpt": False},
     {"batch": 2, "length": 256, "context": 0, "precision": "bf16-autocast", "ckpt": False},
     {"batch": 2, "length": 256, "context": 0, "precision": "bf16-base+autocast", "ckpt": False},
     {"batch": 2, "length": 256, "context": 0, "precision": "float32", "ckpt": True},
+    {"batch": 8, "length": 256, "context": 0, "precision": "float32", "ckpt": False},
     {"batch": 8, "length": 256, "context": 0, "precision": "bf16-autocast", "ckpt": False},
     {"batch": 1, "length": 256, "context": 3, "precision": "float32", "ckpt": False},
     {"batch": 1, "length": 256, "context": 3, "precision": "bf16-autocast", "ckpt": False},
@@ -74,13 +75,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="e1-150m")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--bf16", action="store_true", help="also the bf16 rows on a CPU without native bf16 (very slow)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return
     print(f"bench_train: {a.preset} + LoRA r=16 (7 targets) + ion head, joint BCE+MLM, AdamW; {machine_line()}")
-    rows = [run_child(__file__, {**s, "preset": a.preset, "steps": a.steps}) for s in SETTINGS]
+    settings = SETTINGS if (a.bf16 or default_bf16_rows()) else [s for s in SETTINGS if s["precision"] == "float32"]
+    if len(settings) < len(SETTINGS):
+        print("bf16 rows skipped: no native bf16 on this CPU (emulated bf16 is far slower; --bf16 runs them anyway)")
+    rows = [run_child(__file__, {**s, "preset": a.preset, "steps": a.steps}) for s in settings]
     print_table(rows, [("batch", "batch", "d"), ("length", "length", "d"), ("context", "context seqs", "d"),
                        ("precision", "precision", ""), ("ckpt", "act. ckpt", ""), ("tokens", "tokens", "d"),
                        ("s_step", "s/step", ".2f"), ("tok_s", "tokens/s", ".0f"), ("prot_s", "proteins/s", ".2f"),

@@ -62,5 +62,24 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -
         print("  ".join(format(r[k], f).rjust(w) for (k, _, f), w in zip(columns, widths)))
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
+    """GFLOP/s of an n x n matmul in ``dtype`` on this CPU."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n**3 / timed(lambda: a @ b, repeats) / 1e9
+
+
 def machine_line() -> str:
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+    from e1min.scoring import cpu_has_native_bf16
+
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, "
+        f"native bf16: {cpu_has_native_bf16()}; matmul GFLOP/s float32 {matmul_gflops(torch.float32):.0f}, "
+        f"bfloat16 {matmul_gflops(torch.bfloat16, 256):.1f}"
+    )
+
+
+def default_bf16_rows() -> bool:
+    """bf16 rows by default only where bf16 is fast (native CPU support); emulated bf16 rows take hours."""
+    from e1min.scoring import cpu_has_native_bf16
+
+    return cpu_has_native_bf16() or torch.cuda.is_available()
