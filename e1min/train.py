@@ -366,8 +366,9 @@ class FoldTrainer:
         st.epoch = epoch + 1
         if self.ctx.is_main:
             summary = " ".join(f"{ion} auprc {m['auprc']:.3f} hra {m['hra']:.3f}" for ion, m in per_ion.items())
-            log.info("fold %d epoch %d: %s | mean %s %.4f%s (F1/MCC at a threshold fitted on this fold are optimistic)",
-                     self.fold + 1, epoch + 1, summary, key, score, " *best*" if improved else "")
+            log.info("fold %d epoch %d: %s | mean %s %.4f%s | padding %.1f%% | %.0fs (F1/MCC at a threshold fitted on this fold are optimistic)",
+                     self.fold + 1, epoch + 1, summary, key, score, " *best*" if improved else "",
+                     100 * train_stats["padding_fraction"], train_stats["seconds"])
             meta = self.meta(per_ion)
             if improved:
                 save_state(self.dir / "best", self.model, meta)

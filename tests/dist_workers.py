@@ -133,3 +133,20 @@ def worker_dies(rank, world, store, out):
             fh.write(f"{type(e).__name__}: {e}")
         sys.exit(1)
     sys.exit(0)
+
+
+def worker_replicas(rank, world, store, out):
+    ctx = init(rank, world, store)
+    params = [torch.nn.Parameter(torch.ones(3))]
+    ctx.check_replicas(params, step=1)  # identical: passes
+    if rank == 1:
+        with torch.no_grad():
+            params[0][0] += 1e-3
+    try:
+        ctx.check_replicas(params, step=2)
+        result = "no error"
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        result = f"{type(e).__name__}: {e}"
+    with open(f"{out}.{rank}", "w") as fh:
+        fh.write(result)
+    ctx.destroy()

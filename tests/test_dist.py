@@ -110,3 +110,11 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_checkpoint):
     a = load_file(tmp_path / "one/out/fold_1/best/adapter_model.safetensors")
     b = load_file(tmp_path / "two/out/fold_1/best/adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_replica_divergence_detected(tmp_path):
+    out = tmp_path / "rep"
+    assert spawn(W.worker_replicas, 2, tmp_path, out) == [0, 0]
+    for r in range(2):
+        msg = (tmp_path / f"rep.{r}").read_text()
+        assert msg.startswith("DistributedError") and "diverged" in msg and "step 2" in msg

@@ -98,6 +98,18 @@ def test_only_lora_heads_and_optionally_mlm_head_change(tiny_model, train_mlm_he
         assert changed == should, n
 
 
+def test_focal_loss_down_weights_easy_tokens(tiny_model):
+    from e1min.heads import loss_sums
+
+    model = _binding_model(tiny_model)
+    batch = collate(_examples(3), masking=None, seed=0, epoch=0)
+    with torch.no_grad():
+        out = model(batch, "ZN")
+        plain = loss_sums(out, batch, 1.0, focal_gamma=0.0)
+        focal = loss_sums(out, batch, 1.0, focal_gamma=2.0)
+    assert 0 < float(focal.bce_sum) < float(plain.bce_sum) and focal.bce_tokens == plain.bce_tokens
+
+
 def test_lr_schedule():
     lrs = [lr_at(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
@@ -116,6 +128,12 @@ def test_end_to_end_output_tree_and_reload(tmp_path, tiny_checkpoint):
               "fold_1/best/checkpoint.json", "fold_1/last/optimizer.safetensors", "plots/curves_fold_1.csv"]:
         assert (out / f).is_file(), f
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))  # no temporary leftovers
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib not installed" in (out / "training.log").read_text()
+    else:
+        assert (out / "plots/loss_fold_1_ZN.png").stat().st_size > 0 and (out / "plots/auprc_fold_1_CA.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"] == "config.yaml"
     for ion in ("ZN", "CA"):
