@@ -111,18 +111,12 @@ def save_adapter(
 
 
 def _resolve(directory: str | os.PathLike) -> Path:
-    path = Path(directory).expanduser()
-    if path.is_dir():
-        return path
-    name = str(directory)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise AdapterError(f"{name}: not an adapter directory (expected {ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME})")
-    try:
-        from huggingface_hub import snapshot_download
+    from e1min.hub import CheckpointError, resolve_directory
 
-        return Path(snapshot_download(name, allow_patterns=[ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]))
-    except Exception as e:  # any Hub failure means the same to a user
-        raise AdapterError(f"{name}: not a local adapter directory and not fetchable from the Hugging Face Hub ({e})") from None
+    try:
+        return resolve_directory(directory, None, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME], what="adapter")
+    except CheckpointError as e:
+        raise AdapterError(f"{e} (expected {ADAPTER_CONFIG_NAME} + {ADAPTER_WEIGHTS_NAME})") from None
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:

@@ -26,28 +26,34 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be found, read, or does not match the model."""
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve_directory(
+    name_or_path: str | os.PathLike, revision: str | None, allow_patterns: list[str], what: str = "checkpoint"
+) -> Path:
     """Local directory as is; otherwise a Hub repo id, fetched (or taken from the cache) with huggingface_hub.
 
-    Respects ``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``.
+    Respects ``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``. Raises CheckpointError naming ``what``.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise CheckpointError(f"{name}: not a checkpoint directory, and not a Hub repo id of the form 'org/name'")
+        article = "an" if what[0] in "aeiou" else "a"
+        raise CheckpointError(f"{name}: not {article} {what} directory, and not a Hub repo id of the form 'org/name'")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(
-            snapshot_download(name, revision=revision, allow_patterns=[CONFIG_NAME, "*.safetensors", INDEX_NAME])
-        )
+        return Path(snapshot_download(name, revision=revision, allow_patterns=allow_patterns))
     except Exception as e:  # huggingface_hub raises many types; all mean the same to a user
         raise CheckpointError(
-            f"{name}: could not fetch from the Hugging Face Hub or find it in the local cache "
+            f"{name}: could not fetch the {what} from the Hugging Face Hub or find it in the local cache "
             f"(revision={revision or 'main'}, HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}"
         ) from None
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The directory of an E1 checkpoint: local, or a Hub repo id (config + safetensors only)."""
+    return resolve_directory(name_or_path, revision, [CONFIG_NAME, "*.safetensors", INDEX_NAME])
 
 
 def weight_files(directory: Path) -> list[Path]:
