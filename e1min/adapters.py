@@ -14,7 +14,6 @@ features e1min does not implement are ``AdapterError``s, never a silently zero a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -121,15 +120,10 @@ def _resolve(directory: str | os.PathLike) -> Path:
 
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
     """Parse and check ``adapter_config.json``; every PEFT feature e1min does not implement is an error."""
+    from e1min.io import read_json_object
+
     path = Path(directory) / ADAPTER_CONFIG_NAME
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+    raw = read_json_object(path, AdapterError)
     problems = []
     if raw.get("peft_type") != "LORA":
         problems.append(f"peft_type is {raw.get('peft_type')!r}, expected 'LORA'")

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -85,15 +84,9 @@ class E1Config:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "E1Config":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config.json not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+        from e1min.io import read_json_object
+
+        d = read_json_object(path, ConfigError, missing="config.json not found")
         return cls.from_dict(d, source=str(path))
 
     def to_json(self, path: str | os.PathLike) -> None:

@@ -48,6 +48,20 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Te
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception], missing: str = "not found") -> dict[str, Any]:
+    """A JSON object from ``path``; a missing file, invalid JSON or a non-object is ``error`` naming the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object")
+    return obj
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
