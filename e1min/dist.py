@@ -135,7 +135,7 @@ class DistContext:
         """Debug: fail loudly if the trainable parameters differ between ranks."""
         if not self.distributed:
             return
-        local = torch.stack([torch.cat([p.detach().reshape(-1).double() for p in params]).sum(), torch.tensor(0.0, dtype=torch.float64)])
+        local = replica_checksum(params)
         lo, hi = local.clone(), local.clone()
         lo[0] = -lo[0]
         self.all_reduce(hi, "max", "check_replicas")
@@ -146,6 +146,12 @@ class DistContext:
     def destroy(self) -> None:
         if self.distributed and tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def replica_checksum(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(2,) float64 [sum of every parameter element, 0] on the parameters' own device (CUDA under NCCL)."""
+    total = torch.cat([p.detach().reshape(-1).double() for p in params]).sum()
+    return torch.stack([total, torch.zeros((), dtype=torch.float64, device=total.device)])
 
 
 def init_distributed(timeout_s: float = 300.0, device: str | None = None, init_method: str | None = None) -> DistContext:

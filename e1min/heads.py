@@ -13,10 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from e1min.model import E1ForMaskedLM
+from e1min.runtime import float32_island
 
 
 class IonHead(nn.Module):
-    """LayerNorm(H) -> Dropout -> Linear(H, 1), applied per residue."""
+    """LayerNorm(H) -> Dropout -> Linear(H, 1), applied per residue, always in float32.
+
+    Autocast is switched off inside: a bf16 Linear here would quantise the logits (and so the
+    probabilities) to bf16's 8 mantissa bits, which is visible in rankings and thresholds.
+    """
 
     def __init__(self, hidden_size: int, dropout: float = 0.0):
         super().__init__()
@@ -25,7 +30,8 @@ class IonHead(nn.Module):
         self.proj = nn.Linear(hidden_size, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.dropout(self.norm(h.float()))).squeeze(-1)
+        with float32_island(h.device.type):
+            return self.proj(self.dropout(self.norm(h.float()))).squeeze(-1)
 
 
 class BindingModel(nn.Module):
@@ -48,7 +54,11 @@ class BindingModel(nn.Module):
         binding = self.heads[ion](emb)
         mlm = None
         if mlm_positions is not None and bool(mlm_positions.any()):
-            mlm = self.backbone.mlm_head(emb[mlm_positions]).float()
+            x = emb[mlm_positions]
+            head_dtype = self.backbone.mlm_head[0].weight.dtype
+            if not torch.is_autocast_enabled(x.device.type) and x.dtype != head_dtype:
+                x = x.to(head_dtype)  # a trainable (float32) mlm_head on a bf16 base, outside autocast
+            mlm = self.backbone.mlm_head(x).float()
         return BindingOutput(binding_logits=binding, mlm_logits=mlm, embeddings=emb)
 
 
@@ -76,11 +86,17 @@ def loss_sums(
 
     Sums, not means: the trainer divides by the number of contributing tokens of the whole optimiser
     step (all micro-batches, all ranks), so accumulation and data parallelism give the big-batch loss.
+    Computed in float32 whatever the autocast state (targets, ``pos_weight`` and both terms).
     """
+    with float32_island(out.binding_logits.device.type):
+        return _loss_sums(out, batch, pos_weight, focal_gamma)
+
+
+def _loss_sums(out: BindingOutput, batch: dict, pos_weight: float, focal_gamma: float) -> LossTerms:
     mask = batch["binding_mask"]
-    logits = out.binding_logits[mask]
-    target = batch["binding_labels"][mask].to(logits.dtype)
-    pw = torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+    logits = out.binding_logits[mask].float()
+    target = batch["binding_labels"][mask].float()
+    pw = torch.tensor(pos_weight, dtype=torch.float32, device=logits.device)
     bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw, reduction="none")
     if focal_gamma > 0:
         p = torch.sigmoid(logits)
@@ -89,7 +105,7 @@ def loss_sums(
     labels = batch["mlm_labels"]
     mlm_targets = labels[labels != -100]
     if out.mlm_logits is not None and len(mlm_targets):
-        mlm = F.cross_entropy(out.mlm_logits, mlm_targets, reduction="sum")
+        mlm = F.cross_entropy(out.mlm_logits.float(), mlm_targets, reduction="sum")
     else:
         mlm = out.binding_logits.new_zeros(())  # no masked token: zero, never NaN
     return LossTerms(bce.sum(), mlm, int(mask.sum()), int(len(mlm_targets)))

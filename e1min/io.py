@@ -1,9 +1,11 @@
-"""Atomic file writes: a crash never leaves a half-written file under its final name."""
+"""Atomic file writes and strict JSON: a crash never leaves a half-written file under its final name,
+and every JSON file e1min writes parses with a strict parser (NaN and infinities are written as null)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -35,8 +37,38 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Write ``obj`` as indented strict JSON atomically (NaN/Infinity become null)."""
+    atomic_write_text(path, dumps_json(obj, indent=2) + "\n")
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of ``obj`` as strict JSON: NaN and +-Infinity become null, numpy/torch scalars and
+    arrays become numbers and lists, paths become strings. Read nulls back with ``nan_if_none``."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy of ``obj`` made of plain JSON types, with non-finite floats replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, str) else k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy / torch arrays and scalars
+        return json_safe(obj.tolist())
+    if hasattr(obj, "item"):
+        return json_safe(obj.item())
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def nan_if_none(value: Any) -> float:
+    """A number read back from strict JSON: null (a NaN or infinity when written) -> NaN."""
+    return math.nan if value is None else float(value)
 
 
 def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -60,13 +92,3 @@ def read_json_object(path: str | os.PathLike, error: type[Exception], missing: s
     if not isinstance(obj, dict):
         raise error(f"{path}: expected a JSON object")
     return obj
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -254,6 +254,9 @@ def apply_lora(
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(base, r, alpha, dropout, use_rslora))
     if train_mlm_head:
+        # Trainable weights are float32 (as LoRA's A/B) even on a bf16 base: bf16 master weights would
+        # swallow most AdamW updates at fine-tuning learning rates (1e-4 * w is below bf16's resolution).
+        model.mlm_head.float()
         for p in model.mlm_head.parameters():
             p.requires_grad_(True)
     model.lora_config = LoRAConfig(

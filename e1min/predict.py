@@ -44,7 +44,9 @@ from e1min.data.collate import collate
 from e1min.data.dataset import Example, make_eval_examples, stitch_predictions
 from e1min.data.fasta import DataError, Record, read_fasta
 from e1min.data.msa import VALIDATION_SAMPLING, ContextProvider, MSASampling, parse_a3m
-from e1min.scoring import autocast_context, score_examples, to_device, use_bf16
+from e1min.io import dumps_json
+from e1min.runtime import MATMUL_PRECISIONS, describe, inference_precision, parse_precision, set_matmul_precision
+from e1min.scoring import autocast_context, score_examples, to_device
 
 __all__ = [
     "Predictor",
@@ -90,12 +92,22 @@ class Predictor:
     thresholds: dict[str, dict[str, Any]]  # ion -> {"threshold": float, "method": str, ...}
     meta: dict[str, Any]  # checkpoint.json of the first fold
     device: torch.device
-    bf16: bool
+    precision: str  # "float32" or "bf16" (autocast backbone; heads and probabilities float32)
     folds: list[_FoldWeights] = field(default_factory=list)
     fold_names: list[str] = field(default_factory=list)
     merged: bool = False
     run_dir: Path | None = None
     _active: int = -1
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the backbone runs under bf16 autocast."""
+        return self.precision == "bf16"
+
+    @property
+    def runtime(self) -> dict[str, str]:
+        """What runs: precision, device, float32 matmul precision (for logs and evaluation.json)."""
+        return describe(self.device, self.precision)
 
     # -- properties from checkpoint.json -------------------------------------------------------
     @property
@@ -169,7 +181,7 @@ class Predictor:
         for k in range(self.num_folds):
             self.activate(k)
             for ion in ions:
-                probs = score_examples(self.model, examples[ion], ion, self.device, max_tokens, self.bf16)
+                probs = score_examples(self.model, examples[ion], ion, self.device, max_tokens, self.precision)
                 for pid, p in stitch_predictions(examples[ion], probs).items():
                     out[ion][index[pid]][k] = p
         return out
@@ -279,7 +291,7 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _build(metas: list[dict], base_model, device, dtype, bf16, merge: bool, names: list[str], run_dir: Path | None) -> Predictor:
+def _build(metas: list[dict], base_model, device, dtype, precision: str | None, merge: bool, names: list[str], run_dir: Path | None) -> Predictor:
     from e1min.adapters import load_adapter
     from e1min.heads import BindingModel
     from e1min.lora import lora_state_dict, merge_lora
@@ -311,9 +323,8 @@ def _build(metas: list[dict], base_model, device, dtype, bf16, merge: bool, name
     if len(metas) == 1 and merge:
         merge_lora(backbone)
         merged = True
-    if bf16 is None:
-        bf16 = use_bf16(device, True)
-    pred = Predictor(model=model, ions=ions, thresholds=_read_thresholds(run_dir), meta=first, device=device, bf16=bool(bf16),
+    pred = Predictor(model=model, ions=ions, thresholds=_read_thresholds(run_dir), meta=first, device=device,
+                     precision=inference_precision(device, precision),
                      folds=folds, fold_names=names, merged=merged, run_dir=run_dir)
     if folds:
         pred._active = len(folds) - 1  # the last loaded fold's weights are in the model
@@ -327,19 +338,33 @@ def load_checkpoint(
     dtype: torch.dtype | None = None,
     merge: bool = True,
     bf16: bool | None = None,
+    precision: str | None = None,
 ) -> Predictor:
     """One fold, ready to predict: ``fold_K`` or ``fold_K/best`` of a run.
 
     Base E1 from checkpoint.json's ``base_model``/``base_revision`` (or ``base_model``: a local directory or
     Hub id of the same shape), LoRA adapter applied and merged (``merge=False`` keeps it separate), ion
     heads loaded, thresholds from the run's ``thresholds.json`` when present. ``dtype``: base weights
-    (default float32); ``bf16``: autocast (default: on CUDA and on CPUs with native bf16).
+    (default float32). ``precision``: ``"float32"`` or ``"bf16"`` (autocast); default float32 on the CPU
+    and bf16 on CUDA, never chosen from CPU flags. ``bf16=True/False`` is the older spelling.
     """
     d = _resolve_state(fold_dir)
     _check_state_files(d)
     meta = read_meta(d)
     _check_meta(meta, d)
-    return _build([meta], base_model, device, dtype, bf16, merge, [str(d)], _find_run_dir(d))
+    return _build([meta], base_model, device, dtype, _requested(precision, bf16), merge, [str(d)], _find_run_dir(d))
+
+
+def _requested(precision: str | None, bf16: bool | None) -> str | None:
+    """The precision asked for through ``precision`` or the older ``bf16`` flag (None: the device default)."""
+    if precision is not None and bf16 is not None and parse_precision(precision) != ("bf16" if bf16 else "float32"):
+        raise PredictError(f"precision={precision!r} contradicts bf16={bf16}")
+    if precision is not None:
+        try:
+            return parse_precision(precision)
+        except ValueError as e:
+            raise PredictError(str(e)) from None
+    return None if bf16 is None else ("bf16" if bf16 else "float32")
 
 
 def complete_folds(results_dir: str | os.PathLike) -> list[int]:
@@ -361,6 +386,7 @@ def load_ensemble(
     dtype: torch.dtype | None = None,
     merge: bool = True,
     bf16: bool | None = None,
+    precision: str | None = None,
 ) -> Predictor:
     """Every complete fold of a run (or the 1-based ``folds``), sharing one base model in memory.
 
@@ -387,7 +413,7 @@ def load_ensemble(
         meta = read_meta(d)
         _check_meta(meta, d)
         metas.append(meta)
-    return _build(metas, base_model, device, dtype, bf16, merge, [f"fold_{k}" for k in chosen], root)
+    return _build(metas, base_model, device, dtype, _requested(precision, bf16), merge, [f"fold_{k}" for k in chosen], root)
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -525,7 +551,7 @@ def _jsonl_line(rec: Record, results: dict[str, tuple[np.ndarray, np.ndarray]], 
         }
     if labels and rec.labels is not None:
         obj["labels"] = [int(v) for v in rec.labels]
-    return json.dumps(obj, separators=(",", ":")) + "\n"
+    return dumps_json(obj, separators=(",", ":")) + "\n"
 
 
 def output_format(out: str | os.PathLike, fmt: str | None) -> str:
@@ -816,6 +842,7 @@ def evaluate_records(
     report = {
         "checkpoint": {"folds": predictor.fold_names, "base_model": predictor.meta.get("base_model"), "ions": predictor.ions},
         "proteins": len(records),
+        "runtime": predictor.runtime,
         "note": "labels of the FASTA apply to every evaluated ion; 'at_best_*' thresholds are fitted on this set (optimistic)",
         "ions": results,
         "throughput": speed,
@@ -831,10 +858,12 @@ def evaluate_records(
 # =============================================================================================
 # Embeddings
 # =============================================================================================
-def iter_embedded(backbone, examples: Sequence[Example], device: torch.device, max_tokens: int, bf16: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+def iter_embedded(
+    backbone, examples: Sequence[Example], device: torch.device, max_tokens: int, precision: str | bool = "float32"
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(example index, final-norm hidden states of its query residues, float32 on CPU) in token-budget batches."""
     lengths = [ex.num_tokens for ex in examples]
-    with torch.inference_mode(), autocast_context(device, bf16):
+    with torch.inference_mode(), autocast_context(device, precision):
         for idx in token_budget_batches(lengths, max_tokens, seed=None):
             batch = to_device(collate([examples[i] for i in idx], masking=None, seed=0, epoch=0), device)
             emb = backbone.model(batch["input_ids"], batch["within_seq_position_ids"], batch["global_position_ids"], batch["sequence_ids"])
@@ -877,21 +906,24 @@ def embed_file(
     max_query_length: int | None = 1022,
     chunk_size: int = DEFAULT_CHUNK,
     device: torch.device | None = None,
-    bf16: bool = False,
+    bf16: bool | None = None,
     info: dict | None = None,
     progress: bool = True,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Mean-pooled (and optionally per-residue) embeddings into safetensors shards + ``index.json``.
 
     Shards ``embeddings-00001.safetensors``...; keys ``{id}`` (hidden_size,) and ``{id}.residues`` (L, hidden_size),
     float32. A shard is written when it holds ``shard_size`` proteins or ``max_shard_bytes``; the index
     (id -> shard) is written last. Long proteins are embedded in sliding windows and stitched.
+    ``precision``: ``"float32"`` (default on the CPU) or ``"bf16"`` (default on CUDA); ``bf16`` is the older flag.
     """
     from e1min.io import atomic_save_safetensors, atomic_write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or next(backbone.parameters()).device
+    precision = inference_precision(device, _requested(precision, bf16))
     index: dict[str, str] = {}
     shards: list[str] = []
     buf: dict[str, torch.Tensor] = {}
@@ -913,7 +945,7 @@ def embed_file(
         chunk = records[a : a + chunk_size]
         examples = make_eval_examples(chunk, "-", None, VALIDATION_SAMPLING, 0, max_query_length, None)
         embs: list[torch.Tensor | None] = [None] * len(examples)
-        for i, e in iter_embedded(backbone, examples, device, max_tokens, bf16):
+        for i, e in iter_embedded(backbone, examples, device, max_tokens, precision):
             embs[i] = e.numpy()
         stitched = stitch_predictions(examples, embs)
         for r in chunk:
@@ -931,7 +963,7 @@ def embed_file(
     hidden = backbone.config.hidden_size
     meta = {"format": "e1min-embeddings", "version": 1, "hidden_size": hidden, "per_residue": per_residue, "dtype": "float32",
             "pooling": "mean over query residues of the final-norm hidden states", "keys": "{id} (mean), {id}.residues (per residue)",
-            "model": info or {}, "proteins": len(index), "shards": shards, "index": index}
+            "model": info or {}, "runtime": describe(device, precision), "proteins": len(index), "shards": shards, "index": index}
     atomic_write_json(out_dir / "index.json", meta)
     return {**stats, "shards": len(shards)}
 
@@ -947,9 +979,26 @@ def _common_args(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="proteins per streamed chunk (length-sorted within)")
     p.add_argument("--base-model", default=None, help="local base E1 directory to use instead of the one recorded in checkpoint.json")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="base weights dtype")
-    p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    _precision_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def _precision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype the base weights are stored in (default float32)")
+    p.add_argument("--precision", default=None, choices=["float32", "bf16"],
+                   help="compute precision: float32, or bf16 autocast for the backbone (heads and probabilities stay float32). "
+                        "Default: float32 on the CPU, bf16 on CUDA; never chosen from CPU flags")
+    p.add_argument("--no-bf16", action="store_true", help="same as --precision float32")
+    p.add_argument("--matmul-precision", default="highest", choices=list(MATMUL_PRECISIONS),
+                   help="float32 matmuls: highest (exact, default), high/medium (TF32 on GPUs, reduced-precision float32 on CPUs that have it)")
+
+
+def _cli_precision(args: argparse.Namespace) -> str | None:
+    """The precision asked for on the command line (None: the device's default); sets the matmul precision."""
+    set_matmul_precision(args.matmul_precision)
+    if args.no_bf16 and args.precision == "bf16":
+        raise PredictError("--no-bf16 contradicts --precision bf16")
+    return "float32" if args.no_bf16 else args.precision
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -979,7 +1028,7 @@ def _setup(args: argparse.Namespace, ctx_device: torch.device | None = None) -> 
     if args.msa_dir and not Path(str(args.msa_dir).split("{ION}")[0] or ".").is_dir():
         raise PredictError(f"--msa-dir {args.msa_dir}: no such directory")
     predictor = load_predictor(args.checkpoint, folds=folds, base_model=args.base_model, device=ctx_device or args.device,
-                               dtype=getattr(torch, args.dtype), bf16=False if args.no_bf16 else None)
+                               dtype=getattr(torch, args.dtype), precision=_cli_precision(args))
     ions = predictor._check_ions([i.strip() for i in args.ions.split(",") if i.strip()] if args.ions else None)
     max_len = None
     if predictor.max_query_length is None:
@@ -1001,7 +1050,7 @@ def _report_setup(predictor: Predictor, ions: list[str], records: list[Record], 
         return
     err = sys.stderr
     print(f"model: {', '.join(predictor.fold_names)} ({predictor.num_folds} fold(s){', LoRA merged' if predictor.merged else ''}) "
-          f"on {predictor.device}; ions {', '.join(ions)}; {len(records)} proteins, {sum(len(r.sequence) for r in records)} residues", file=err)
+          f"on {predictor.device}, precision {predictor.precision}; ions {', '.join(ions)}; {len(records)} proteins, {sum(len(r.sequence) for r in records)} residues", file=err)
     for ion in ions:
         if predictor.threshold(ion) is None:
             print(f"note: no saved threshold for {ion} (no thresholds.json entry): the call column is left empty", file=err)
@@ -1093,8 +1142,7 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--base-model", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--no-bf16", action="store_true")
+    _precision_args(p)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     _positive("--shard-size", args.shard_size)
@@ -1109,9 +1157,10 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
     if skipped:
         print(f"skipped {len(skipped)} invalid protein(s): " + "; ".join(f"{s.id}: {s.reason}" for s in skipped[:5]), file=sys.stderr)
     device = next(backbone.parameters()).device
-    bf16 = use_bf16(device, not args.no_bf16)
+    precision = inference_precision(device, _cli_precision(args))
+    print(f"embedding with {info.get('checkpoint')} on {device}, precision {precision}", file=sys.stderr)
     stats = embed_file(backbone, records, args.out, args.per_residue, args.shard_size, max_tokens=args.max_tokens,
-                       max_query_length=max_len, device=device, bf16=bf16, info=info, progress=not args.quiet)
+                       max_query_length=max_len, device=device, precision=precision, info=info, progress=not args.quiet)
     print(f"wrote {stats['shards']} shard(s) and index.json to {args.out} ({len(records)} proteins)", file=sys.stderr)
     return 0
 

@@ -14,29 +14,26 @@ import torch
 from e1min.data.batching import token_budget_batches
 from e1min.data.collate import collate
 from e1min.data.dataset import Example
+from e1min.runtime import autocast, bf16_is_fast, cpu_has_native_bf16, parse_precision
 
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX). Without them, bf16 matmuls are
-    emulated and far slower than float32 (measured ~100x on an AVX2-only EPYC: tools/bench_model.py)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+__all__ = ["cpu_has_native_bf16", "use_bf16", "autocast_context", "to_device", "iter_scored", "score_examples"]
 
 
 def use_bf16(device: torch.device, requested: bool) -> bool:
-    """bf16 autocast when requested and the device runs it fast: CUDA, or a CPU with native bf16."""
-    return requested and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
+    """Kept for existing callers: bf16 when requested and the device runs it fast (see ``runtime``)."""
+    return bool(requested) and bf16_is_fast(device)
 
 
-def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on ``device`` when asked for, otherwise a no-op."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def autocast_context(device: torch.device, bf16: bool | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` when asked for (True or ``"bf16"``), otherwise a no-op."""
+    return autocast(device, _precision(bf16))
+
+
+def _precision(value: bool | str) -> str:
+    """Precision from the old ``bf16`` flag or a precision name."""
+    if isinstance(value, bool):
+        return "bf16" if value else "float32"
+    return parse_precision(value) or "float32"
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -49,18 +46,19 @@ def iter_scored(
     ion: str,
     device: torch.device,
     max_tokens: int,
-    bf16: bool = False,
+    precision: str | bool = "float32",
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (example index, per-residue probabilities over its query) in token-budget batches.
+    """Yield (example index, per-residue float32 probabilities over its query) in token-budget batches.
 
     Examples are length-sorted into batches (little padding); order of results follows the batches.
-    Inputs are never masked.
+    Inputs are never masked. ``precision``: ``"float32"`` or ``"bf16"`` (autocast backbone; the
+    head and the sigmoid stay float32). A bool is read as the old ``bf16`` flag.
     """
     lengths = [ex.num_tokens for ex in examples]
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast_context(device, bf16):
+        with torch.inference_mode(), autocast(device, _precision(precision)):
             for idx in token_budget_batches(lengths, max_tokens, seed=None):
                 batch = to_device(collate([examples[i] for i in idx], masking=None, seed=0, epoch=0), device)
                 probs = torch.sigmoid(model(batch, ion).binding_logits.float())
@@ -72,10 +70,15 @@ def iter_scored(
 
 
 def score_examples(
-    model: torch.nn.Module, examples: Sequence[Example], ion: str, device: torch.device, max_tokens: int, bf16: bool = False
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    ion: str,
+    device: torch.device,
+    max_tokens: int,
+    precision: str | bool = "float32",
 ) -> list[np.ndarray]:
     """Per-example probabilities in the order of ``examples``."""
     out: list[np.ndarray | None] = [None] * len(examples)
-    for i, p in iter_scored(model, examples, ion, device, max_tokens, bf16):
+    for i, p in iter_scored(model, examples, ion, device, max_tokens, precision):
         out[i] = p
     return out  # type: ignore[return-value]

@@ -11,7 +11,7 @@ early-stopped on the selection metric. Every cross-process operation goes throug
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
 import logging
 import math
 import sys
@@ -28,14 +28,15 @@ from e1min.checkpoint import load_state, save_state, state_dir
 from e1min.data.batching import fixed_size_batches, interleave, padding_fraction, shard, shard_eval, token_budget_batches
 from e1min.data.collate import MaskingConfig, collate
 from e1min.data.dataset import Example, ion_stats, load_ion_records, make_eval_examples, make_train_examples, pos_weight
-from e1min.data.fasta import Record
+from e1min.data.fasta import DataError, Record
 from e1min.data.folds import assign_folds, check_assignment, load_folds, save_folds, split
 from e1min.data.msa import ContextProvider, MSASampling
 from e1min.data.seeding import stable_seed
 from e1min.dist import DistContext, init_distributed
 from e1min.heads import BindingModel, joint_loss, loss_sums
-from e1min.io import atomic_write_json, atomic_write_text
-from e1min.scoring import autocast_context, iter_scored, to_device, use_bf16
+from e1min.io import atomic_write_json, atomic_write_text, dumps_json, read_json_object
+from e1min.runtime import autocast, describe, set_matmul_precision, training_precision
+from e1min.scoring import _precision, iter_scored, to_device
 from e1min.train_config import dump_config, load_config
 
 log = logging.getLogger("e1min")
@@ -58,11 +59,13 @@ def prepare_run(cfg: dict, ctx: DistContext, out: Path) -> RunData:
     d, t, g = cfg["data"], cfg["training"], cfg["general"]
     records = load_ion_records(d["fasta_path"], t["ions"], d["fasta_pattern"])
     folds_file = out / "folds.json"
+    fold_meta = {"num_folds": t["num_folds"], "seed": g["seed"], "ions": list(t["ions"]), "data": data_fingerprint(records)}
     if folds_file.exists():
-        assignment, _ = load_folds(folds_file)
+        assignment, saved = load_folds(folds_file)
+        check_fold_meta(folds_file, saved, fold_meta)
         problems = check_assignment(assignment, records)
         if problems:
-            raise ValueError(f"{folds_file}: does not match the data ({'; '.join(problems[:5])}); use a new output_dir")
+            raise DataError(f"{folds_file}: does not match the data ({'; '.join(problems[:5])}); use a new output_dir")
         log.info("reusing fold assignment from %s", folds_file)
     else:
         assignment = assign_folds(records, t["num_folds"], g["seed"])
@@ -70,7 +73,7 @@ def prepare_run(cfg: dict, ctx: DistContext, out: Path) -> RunData:
     if ctx.is_main:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
         if not folds_file.exists():
-            save_folds(folds_file, assignment, {"num_folds": t["num_folds"], "seed": g["seed"], "ions": t["ions"]})
+            save_folds(folds_file, assignment, fold_meta)
         fold_sizes = {str(k + 1): sum(1 for f in assignment.values() if f == k) for k in range(t["num_folds"])}
         atomic_write_json(out / "data_stats.json", {"ions": stats, "fold_sizes": fold_sizes})
         for ion, s in stats.items():
@@ -87,6 +90,33 @@ def prepare_run(cfg: dict, ctx: DistContext, out: Path) -> RunData:
         train_sampling=MSASampling.from_dict({**MSASampling().__dict__, **t["msa_sampling"]}),
         val_sampling=MSASampling.from_dict({**MSASampling(128, 12288).__dict__, **t["validation_msa_sampling"]}),
     )
+
+
+def data_fingerprint(records: dict[str, list[Record]]) -> dict[str, Any]:
+    """What a fold assignment was built from: per ion the protein count, and a hash of (id, length)."""
+    out = {}
+    for ion, recs in sorted(records.items()):
+        h = hashlib.sha256()
+        for r in sorted(recs, key=lambda r: r.id):
+            h.update(f"{r.id}\t{len(r.sequence)}\n".encode())
+        out[ion] = {"proteins": len(recs), "sha256": h.hexdigest()[:16]}
+    return out
+
+
+def check_fold_meta(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    """A reused folds.json must describe this run: same num_folds, seed, ions and data, else DataError."""
+    for key, want in expected.items():
+        if key not in saved:
+            continue  # written by an older e1min that did not record it; the assignment check still runs
+        have = saved[key]
+        if key == "data":
+            changed = sorted(ion for ion in set(have) | set(want) if have.get(ion) != want.get(ion))
+            if changed:
+                detail = "; ".join(f"{ion}: {have.get(ion)} there, {want.get(ion)} now" for ion in changed[:3])
+                raise DataError(f"{path}: built from other data ({detail}); use a new training.output_dir for new data")
+        elif have != want:
+            raise DataError(f"{path}: {key} is {have!r} there but {want!r} in the config; use a new training.output_dir "
+                            f"(or set {key} back to {have!r} to continue this run)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,15 +204,23 @@ class LossSpec:
 
 
 def backward_window(
-    model: BindingModel, batches: Sequence[tuple[dict, str] | None], ctx: DistContext, spec: LossSpec, bf16: bool = False
+    model: BindingModel,
+    batches: Sequence[tuple[dict, str] | None],
+    ctx: DistContext,
+    spec: LossSpec,
+    precision: str | bool = "float32",
+    *,
+    bf16: bool | None = None,
 ) -> torch.Tensor:
     """Forward + backward every micro-batch of one optimiser step (this rank's share of it).
 
     Both loss terms are divided by the step's *global* token counts (all micro-batches, all ranks,
     all-reduced before any backward), so the summed gradients equal the big-batch gradient.
     ``None`` entries are empty steps (a rank short of batches). Returns detached per-ion statistics
-    (n_ions, 4): BCE sum, BCE tokens, MLM sum, MLM tokens.
+    (n_ions, 4): BCE sum, BCE tokens, MLM sum, MLM tokens. ``precision`` ``"bf16"`` autocasts the
+    backbone only: heads and both loss terms are float32 (a bool is read as the old ``bf16`` flag).
     """
+    precision = _precision(bf16 if bf16 is not None else precision)
     real = [b for b in batches if b is not None]
     local = [sum(int(b["binding_mask"].sum()) for b, _ in real), sum(int((b["mlm_labels"] != -100).sum()) for b, _ in real)]
     bce_tokens, mlm_tokens = ctx.sum_ints(local, "token_counts")
@@ -190,11 +228,11 @@ def backward_window(
     stats = torch.zeros(len(ions), 4, dtype=torch.float64, device=ctx.device)
     for batch, ion in real:
         batch = to_device(batch, ctx.device)
-        with autocast_context(ctx.device, bf16):
-            mlm_pos = batch["mlm_labels"] != -100 if spec.use_mlm else None
+        mlm_pos = batch["mlm_labels"] != -100 if spec.use_mlm else None
+        with autocast(ctx.device, precision):
             out = model(batch, ion, mlm_pos)
-            terms = loss_sums(out, batch, spec.pos_weight.get(ion, 1.0), spec.focal_gamma)
-            loss = joint_loss(terms, bce_tokens, mlm_tokens, spec.mlm_weight)
+        terms = loss_sums(out, batch, spec.pos_weight.get(ion, 1.0), spec.focal_gamma)
+        loss = joint_loss(terms, bce_tokens, mlm_tokens, spec.mlm_weight)
         loss.backward()
         i = ions.index(ion)
         stats[i] += torch.stack([terms.bce_sum.detach().double(), torch.tensor(float(terms.bce_tokens), device=ctx.device, dtype=torch.float64),
@@ -246,11 +284,10 @@ class FoldTrainer:
         ctx.broadcast_parameters(self.params)
         self.optimizer = build_optimizer(self.model, t["learning_rate"], t["weight_decay"])
         self.masking = MaskingConfig(probability=t["mlm_probability"], mask_context=t["mask_context"]) if t["mlm_weight"] > 0 and t["mlm_probability"] > 0 else None
-        self.bf16 = use_bf16(ctx.device, t["bf16"])
-        if t["bf16"] and not self.bf16:
-            log.info("note: training.bf16 ignored on %s (no native bf16: emulated bf16 is far slower than float32)", ctx.device)
+        self.precision = training_precision(ctx.device, t["bf16"])
         self.loss_spec = LossSpec(self.pos_weight, t["mlm_weight"], t["focal_gamma"], self.masking is not None)
         self.state = FoldState()
+        self._last_val: dict[str, Any] | None = None
         self.val_examples = {
             ion: make_eval_examples(
                 recs, ion, data.provider, data.val_sampling, cfg["general"]["seed"], cfg["data"]["max_query_length"], cfg["data"]["max_example_tokens"]
@@ -262,12 +299,19 @@ class FoldTrainer:
         self.warmup_steps = max(1, round(steps_per_epoch * t["warmup_epochs"]))
         self.comm_bytes = 0
 
+    @property
+    def bf16(self) -> bool:
+        """Whether this fold trains under bf16 autocast (kept for callers of the old attribute)."""
+        return self.precision == "bf16"
+
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool) -> dict[str, Any]:
         t = self.cfg["training"]
         if resume and state_dir(self.dir / "last") is not None:
             meta = load_state(self.dir / "last", self.model, self.optimizer)
             self.state = FoldState(**meta["trainer_state"])
+            if self.state.best_metric is None:  # strict JSON wrote -inf (nothing selected yet) as null
+                self.state.best_metric = -math.inf
             log.info("fold %d: resumed from %s at epoch %d", self.fold + 1, self.dir / "last", self.state.epoch + 1)
         while self.state.epoch < t["epochs"]:
             epoch = self.state.epoch
@@ -279,6 +323,15 @@ class FoldTrainer:
                 break
         result = {"fold": self.fold + 1, "best_epoch": self.state.best_epoch + 1, "best_metric": self.state.best_metric,
                   "selection_metric": t["selection_metric"], "complete": True}
+        if self.state.best_epoch < 0:
+            # The selection metric was undefined (NaN) at every epoch: no positive residue in the held-out
+            # fold, or an empty one. Keep the last epoch as best/ so the fold stays loadable, and say so.
+            log.warning("fold %d: %s undefined at every epoch (no positive residue in the validation fold?); "
+                        "best/ holds the last epoch", self.fold + 1, t["selection_metric"])
+            result.update(best_epoch=None, best_metric=None, selection="last epoch: selection metric undefined at every epoch")
+            if self.ctx.is_main and self._last_val is not None:
+                save_state(self.dir / "best", self.model, self.meta({ion: v["metrics"] for ion, v in self._last_val.items()}))
+                write_oof(self.dir / "oof_predictions.tsv", self.val_records, {ion: v["probs"] for ion, v in self._last_val.items()})
         if self.ctx.is_main:
             atomic_write_json(self.dir / "fold_result.json", result)
             write_plots(self.dir.parent / "plots", self.fold + 1, self.state.history, self.ions)
@@ -299,7 +352,7 @@ class FoldTrainer:
             window = mine[w * t["accum_steps"] : (w + 1) * t["accum_steps"]]
             batches = [self.collate_train(item, epoch) for item in window]
             tokens += sum(int((b["sequence_ids"] >= 0).sum()) for b, _ in filter(None, batches))
-            stats += backward_window(self.model, batches, ctx, self.loss_spec, self.bf16)
+            stats += backward_window(self.model, batches, ctx, self.loss_spec, self.precision)
             self.optimizer_step()
             if cfg["general"]["check_replicas_every"] and self.state.step % cfg["general"]["check_replicas_every"] == 0:
                 ctx.check_replicas(self.params, self.state.step)
@@ -341,7 +394,7 @@ class FoldTrainer:
         out = {}
         for ion in self.ions:
             probs = predict_records(self.model, self.val_records[ion], self.val_examples[ion], ion, self.ctx,
-                                    self.cfg["training"]["eval_max_tokens_per_batch"], self.bf16)
+                                    self.cfg["training"]["eval_max_tokens_per_batch"], self.precision)
             y = np.concatenate([r.labels for r in self.val_records[ion]]) if self.val_records[ion] else np.zeros(0)
             p = np.concatenate(probs) if probs else np.zeros(0)
             m = metrics.binary_metrics(y, p)
@@ -351,6 +404,7 @@ class FoldTrainer:
 
     def end_epoch(self, epoch: int, train_stats: dict, val: dict) -> None:
         t, st = self.cfg["training"], self.state
+        self._last_val = val
         key = "auprc" if t["selection_metric"] == "auprc" else "hra"
         per_ion = {ion: v["metrics"] for ion, v in val.items()}
         values = [m[key] for m in per_ion.values() if not math.isnan(m[key])]
@@ -374,7 +428,7 @@ class FoldTrainer:
                 save_state(self.dir / "best", self.model, meta)
                 write_oof(self.dir / "oof_predictions.tsv", self.val_records, {ion: v["probs"] for ion, v in val.items()})
             save_state(self.dir / "last", self.model, {**meta, "trainer_state": st.__dict__}, self.optimizer)
-            atomic_write_text(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in st.history))
+            atomic_write_text(self.dir / "metrics.jsonl", "".join(dumps_json(r) + "\n" for r in st.history))
         self.ctx.barrier("checkpoint_written")
 
     def meta(self, per_ion: dict) -> dict[str, Any]:
@@ -387,16 +441,17 @@ class FoldTrainer:
             "head_dropout": c["model"]["dropout"], "max_query_length": c["data"]["max_query_length"],
             "max_example_tokens": c["data"]["max_example_tokens"], "validation_msa_sampling": self.data.val_sampling.__dict__,
             "metrics": {ion: _json_metrics(m) for ion, m in per_ion.items()},
+            "runtime": describe(self.ctx.device, self.precision),
         }
 
 
 def predict_records(model, records: Sequence[Record], examples: Sequence[Example], ion: str, ctx: DistContext,
-                    max_tokens: int, bf16: bool) -> list[np.ndarray]:
+                    max_tokens: int, precision: str | bool = "float32") -> list[np.ndarray]:
     """Per-protein probabilities (in ``records`` order); each rank scores a shard, results are gathered."""
     index = {r.id: i for i, r in enumerate(records)}
     mine = shard_eval(list(range(len(examples))), ctx.rank, ctx.world_size)
     rows = []
-    for j, p in iter_scored(model, [examples[i] for i in mine], ion, ctx.device, max_tokens, bf16):
+    for j, p in iter_scored(model, [examples[i] for i in mine], ion, ctx.device, max_tokens, precision):
         ex = examples[mine[j]]
         a, b = ex.keep_start - ex.offset, ex.keep_end - ex.offset
         pos = torch.arange(ex.keep_start, ex.keep_end, dtype=torch.float64)
@@ -459,7 +514,17 @@ def read_oof(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def summarise(out: Path, ions: Sequence[str], num_folds: int, method: str) -> dict[str, Any] | None:
     """thresholds.json, summary.json and summary.md from every completed fold's OOF predictions."""
-    folds = [k for k in range(1, num_folds + 1) if (out / f"fold_{k}" / "fold_result.json").exists()]
+    notes: list[str] = []
+    folds = []
+    for k in range(1, num_folds + 1):
+        if not (out / f"fold_{k}" / "fold_result.json").exists():
+            continue
+        if not (out / f"fold_{k}" / "oof_predictions.tsv").exists():
+            notes.append(f"fold {k}: no oof_predictions.tsv (left out of the summary)")
+            continue
+        folds.append(k)
+    for n in notes:
+        log.warning("summary: %s", n)
     if not folds:
         return None
     oof = {k: read_oof(out / f"fold_{k}" / "oof_predictions.tsv") for k in folds}
@@ -481,33 +546,28 @@ def summarise(out: Path, ions: Sequence[str], num_folds: int, method: str) -> di
             else:
                 t_k = thr
             m = metrics.binary_metrics(y, p, threshold=t_k)
+            if math.isnan(m["auprc"]):
+                notes.append(f"fold {k}, {ion}: metrics undefined (no positive residue among {len(y)} validation residues)")
+                log.warning("summary: %s", notes[-1])
             for key in cols:
                 cols[key].append(m[key])
         ions_out[ion] = {"positive_rate": float(y_all.mean()), **{k: metrics.mean_std(v) for k, v in cols.items()}}
-    fold_results = [json.loads((out / f"fold_{k}" / "fold_result.json").read_text()) for k in folds]
-    summary = {"ions": ions_out, "folds": fold_results, "config": "config.yaml"}
+    fold_results = [read_json_object(out / f"fold_{k}" / "fold_result.json", DataError) for k in folds]
+    summary = {"ions": ions_out, "folds": fold_results, "config": "config.yaml", "notes": notes}
     atomic_write_json(out / "thresholds.json", thresholds)
-    atomic_write_json(out / "summary.json", _nan_to_none(summary))
-    atomic_write_text(out / "summary.md", summary_markdown(ions_out, folds))
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", summary_markdown(ions_out, folds, notes))
     return summary
 
 
-def _nan_to_none(o: Any) -> Any:
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _nan_to_none(v) for k, v in o.items()}
-    if isinstance(o, list):
-        return [_nan_to_none(v) for v in o]
-    return o
-
-
-def summary_markdown(ions_out: dict, folds: list[int]) -> str:
+def summary_markdown(ions_out: dict, folds: list[int], notes: Sequence[str] = ()) -> str:
     cols = ("auprc", "auroc", "hra", "f1", "mcc")
     lines = [f"Cross-validation summary over folds {', '.join(map(str, folds))} (mean ± std; F1/MCC at out-of-fold thresholds)", "",
              "| ion | positive rate | " + " | ".join(c.upper() for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for ion, m in ions_out.items():
         lines.append(f"| {ion} | {m['positive_rate']:.4f} | " + " | ".join(f"{m[c]['mean']:.3f} ± {m[c]['std']:.3f}" for c in cols) + " |")
+    if notes:
+        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -598,12 +658,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.folds:
         overrides.append(f"training.folds=[{args.folds}]")
     cfg, notes = load_config(args.config, overrides)
+    set_matmul_precision(cfg["model"]["matmul_precision"])
     ctx = init_distributed(cfg["general"]["dist_timeout_seconds"], cfg["general"]["device"])
     try:
         setup_logging(Path(cfg["training"]["output_dir"]), ctx.is_main)
         for n in notes:
             log.info(n)
-        log.info("e1min train: %s, %d process(es) on %s", args.config, ctx.world_size, ctx.device)
+        log.info("e1min train: %s, %d process(es) on %s, precision %s, float32 matmul precision %s", args.config, ctx.world_size,
+                 ctx.device, training_precision(ctx.device, cfg["training"]["bf16"]), cfg["model"]["matmul_precision"])
         run_cross_validation(cfg, ctx, resume=args.resume)
     finally:
         ctx.destroy()
