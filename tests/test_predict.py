@@ -36,6 +36,15 @@ TOL = 1e-5
 
 
 @pytest.fixture(autouse=True, scope="module")
+def _host_reports_native_bf16():
+    """Every test here runs as on a CPU with native bf16: precision must still default to float32 (the
+    float32 references below hold on every machine). tests/test_runtime.py covers the other outcome."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("e1min.runtime.cpu_has_native_bf16", lambda: True)
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """One intra-op thread: these models are tiny, and on a busy 2-core box OpenMP spinning makes 2 threads ~100x slower."""
     n = torch.get_num_threads()
@@ -238,6 +247,18 @@ def test_missing_threshold_leaves_call_empty(run_dir, queries, query_fasta, tmp_
 
 
 # ----------------------------------------------------------------------------------- evaluate
+
+
+@pytest.mark.parametrize("flags,precision", [([], "float32"), (["--no-bf16"], "float32"), (["--precision", "bf16"], "bf16")])
+def test_precision_is_explicit_and_recorded(run_dir, tmp_path, capsys, flags, precision):
+    """Default float32 on a CPU even when it reports native bf16 (this module forces that); bf16 only when asked."""
+    fasta = run_dir.parent / "data/CA_train.fasta"
+    assert evaluate_main(["--checkpoint", str(run_dir / "fold_1"), "--fasta", str(fasta), "--out-dir", str(tmp_path / "ev"), "--quiet", *flags]) == 0
+    assert f"on cpu, precision {precision};" in capsys.readouterr().err
+    report = json.loads((tmp_path / "ev/evaluation.json").read_text())
+    assert report["runtime"]["precision"] == precision and report["runtime"]["device"] == "cpu"
+    with pytest.raises(PredictError, match="contradicts"):
+        evaluate_main(["--checkpoint", str(run_dir / "fold_1"), "--fasta", str(fasta), "--out-dir", str(tmp_path / "e2"), "--no-bf16", "--precision", "bf16"])
 
 
 def test_evaluate_metrics_equal_sklearn(run_dir, ensemble, tmp_path):
