@@ -13,13 +13,15 @@ from e1min.data.msa import ContextProvider
 
 
 def _msa_coverage(provider: ContextProvider, ion: str, records: Sequence[Record], problems: list[str]) -> int:
+    """Parse and check every protein's A3M (nothing cached): unreadable paths (directory, dangling symlink,
+    symlink loop), malformed files and query rows that differ from the FASTA sequence are problems."""
     found = 0
     for r in records:
         try:
-            if provider.msa(ion, r.id, r.sequence) is not None:
+            if provider.validate(ion, r.id, r.sequence) is not None:
                 found += 1
         except DataError as e:
-            problems.append(str(e))
+            problems.append(f"{ion}: {e}")
     return found
 
 

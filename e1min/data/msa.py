@@ -1,9 +1,47 @@
-"""A3M alignments and E1-style context sampling (weighted draw of homologs, seeded)."""
+"""A3M alignments and E1's MSA context sampler, reproduced exactly, in memory O(rows x width).
+
+``read_a3m(path)`` parses an A3M once into an :class:`MSA`; ``sample_context(msa, seed, sampling)``
+returns the context sequences E1's reference ``sample_context`` draws with the same A3M, settings and
+seed, in the same order:
+
+1. records in file order, ``.`` read as ``-``; the first record is the query;
+2. for similarities only, lower-case letters (insertions) are removed: every row then has the query's
+   alignment width W (matrix ``M``, ``len(j)`` = non-gap columns of row j);
+3. ``sim(i -> j)`` = (columns where row i is not a gap and row j equals row i) / ``len(j)`` -- divided
+   by the OTHER row's non-gap count -- as a float32 division compared in float32 with
+   ``neighbor_similarity_lower_bound``; ``neighbours(i) = #{j : sim(i -> j) >= bound}`` (i included),
+   weight(i) = 1 / neighbours(i) as float64 (int count -> ``1.0 / count``);
+4. ``qsim(j)`` = (columns where row j equals the query, gap == gap included) / W, float32;
+5. candidates: ``min_query_similarity <= qsim <= max_query_similarity`` (bounds compared in float32, as
+   torch compares a float32 tensor with a Python float); the query itself is a candidate when the
+   maximum is 1.0;
+6. ``numpy.random.default_rng(seed).choice(N, size=min(max_num_samples, #candidates), p=w / w.sum(),
+   replace=False, shuffle=True)`` with ``w`` float64, non-candidates 0;
+7. each drawn row's ORIGINAL text (insertions kept), upper-cased, gaps removed, in draw order, stopping
+   at the first row that would push the running residue total past ``max_token_length``.
+
+e1min's departures (the reference gives no result in these cases, or has no such option):
+
+- ``window=(start, end)`` restricts each drawn row to the alignment columns of query residues
+  ``[start, end)`` (insertions between those columns kept; a window reaching the query's first/last
+  residue keeps the row's text before/after it); rows empty in the window are skipped. A window that
+  covers the whole query is no window: the rows are exactly the reference's.
+- Rows without an aligned residue (all gaps) are never drawn; they stay in the index space so every
+  other draw is unchanged. (The reference's weight for them is 1/0 and its draw crashes; with a bound of
+  0.0 it could draw them as empty sequences.)
+- No candidate row: an empty context (single-sequence) and an info log line, where the reference raises.
+
+Neighbour counts are computed block by block (one-hot matrix products over row blocks, exact integer
+counts in float32), so memory is O(rows x width) plus a fixed block, never O(rows^2).
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
+import stat
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -12,16 +50,27 @@ import numpy as np
 
 from e1min.data.fasta import DataError
 
+log = logging.getLogger("e1min")
+
 GAP = ord("-")
-_LOWER = re.compile(r"[a-z]")
-_BAD_ALIGNED = re.compile(r"[^A-Z\-]")
-# Bound on the one-hot block built at once when counting identities (bytes).
-_ONEHOT_BYTES = 1 << 28
+#: Rows per block of the neighbour and query-similarity computations.
+BLOCK_ROWS = 2048
+#: (column, letter) one-hot features per matrix product; with BLOCK_ROWS this fixes the block memory.
+BLOCK_FEATURES = 12288
+#: Larger A3M files are refused with a DataError (their parse alone would need several times this).
+MAX_A3M_BYTES = 256 << 20
+
+_BAD_CHAR = re.compile(r"[^A-Za-z.\-]")
+_DROP_LOWER = str.maketrans("", "", "abcdefghijklmnopqrstuvwxyz")
 
 
 @dataclass
 class MSASampling:
-    """How context rows are drawn from an MSA (names follow the E1 reference sampler)."""
+    """How context rows are drawn from an MSA (names and meaning follow E1's reference sampler).
+
+    The defaults are the original pipeline's training settings; E1's own function defaults are
+    511 / 32768 / 0.8 / 0.0 / 1.0.
+    """
 
     max_num_samples: int = 64
     max_token_length: int = 8192
@@ -56,167 +105,379 @@ class MSASampling:
 
 TRAIN_SAMPLING = MSASampling()
 VALIDATION_SAMPLING = MSASampling(max_num_samples=128, max_token_length=12288)
+#: E1's reference function defaults.
+E1_REFERENCE_SAMPLING = MSASampling(511, 32768, 0.8, 0.0, 1.0)
 
 
-def parse_a3m(path: str | os.PathLike) -> list[str]:
-    """Aligned rows of an A3M file (first = query): insertions (lower case) dropped, ``.`` read as ``-``."""
-    path = Path(path)
+# ---------------------------------------------------------------------------------------------
+# Files and parsing
+# ---------------------------------------------------------------------------------------------
+def check_a3m_path(path: str | os.PathLike) -> None:
+    """DataError unless ``path`` is a readable-looking regular file (directory, dangling symlink, loop...)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        st = os.stat(path)
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise DataError(f"{path}: dangling symlink (its target {os.readlink(path)!r} does not exist)") from None
         raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{path}: symlink loop (too many levels of symbolic links)") from None
+        raise DataError(f"{path}: cannot access ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{path}: is a directory, not an A3M file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path}: not a regular file")
+    if st.st_size > MAX_A3M_BYTES:
+        raise DataError(f"{path}: {st.st_size} bytes, larger than the {MAX_A3M_BYTES} bytes an A3M may have here")
+
+
+def _path_entry_exists(path: Path) -> bool:
+    """Whether anything (file, directory, symlink even dangling) sits at ``path``; access errors raise."""
+    try:
+        os.lstat(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{path}: symlink loop in the path") from None
+        raise DataError(f"{path}: cannot access ({e.strerror})") from None
+
+
+def _read_text(path: Path) -> str:
+    check_a3m_path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        line = raw.count(b"\n", 0, nul) + 1
+        raise DataError(f"{path}:{line}: non-text byte 0x00 (binary file?)")
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not text ({e})") from None
-    rows: list[str] = []
-    names: list[tuple[str, int]] = []
-    current: list[str] | None = None
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: non-text byte 0x{raw[e.start]:02x} (not UTF-8/ASCII text)") from None
+
+
+def _split_records(path: Path, text: str) -> tuple[list[str], list[str], list[int]]:
+    """(texts, names, header line numbers); lines starting with ``#`` and blank lines are skipped."""
+    texts: list[str] = []
+    names: list[str] = []
+    lines: list[int] = []
+    parts: list[str] | None = None
+    for lineno, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith(">"):
-            if current is not None:
-                rows.append("".join(current))
-            names.append((line[1:].split()[0] if line[1:].strip() else f"record {len(names) + 1}", lineno))
-            current = []
+            if parts is not None:
+                texts.append("".join(parts))
+            names.append(line[1:].split()[0] if line[1:].strip() else f"record {len(names) + 1}")
+            lines.append(lineno)
+            parts = []
             continue
-        if current is None:
+        if parts is None:
             raise DataError(f"{path}:{lineno}: expected a '>' header before sequence data")
-        aligned = _LOWER.sub("", line).replace(".", "-")
-        bad = _BAD_ALIGNED.search(aligned)
+        bad = _BAD_CHAR.search(line)
         if bad:
-            raise DataError(f"{path}:{lineno}: record {names[-1][0]!r}: invalid character {bad.group()!r} in alignment")
-        current.append(aligned)
-    if current is not None:
-        rows.append("".join(current))
-    if not rows:
-        raise DataError(f"{path}: empty A3M file (no records)")
-    for (name, lineno), row in zip(names, rows):
-        if not row:
-            raise DataError(f"{path}:{lineno}: record {name!r} has no aligned residues")
-        if len(row) != len(rows[0]):
             raise DataError(
-                f"{path}:{lineno}: record {name!r} has {len(row)} aligned columns, the query has {len(rows[0])} "
-                "(rows must be equal length once insertions are dropped)"
+                f"{path}:{lineno}: record {names[-1]!r}: invalid character {bad.group()!r} at column {bad.start() + 1} "
+                "(A3M rows hold letters, '-' and '.')"
             )
-    return rows
+        parts.append(line)
+    if parts is not None:
+        texts.append("".join(parts))
+    return texts, names, lines
 
 
-def _as_matrix(rows: Sequence[str]) -> np.ndarray:
-    return np.frombuffer("".join(rows).encode("ascii"), dtype=np.uint8).reshape(len(rows), -1)
+def read_a3m(path: str | os.PathLike) -> "MSA":
+    """Parse and validate an A3M file once (weights are computed on first use, cached per bound).
+
+    Errors (missing file, directory, dangling symlink, symlink loop, non-text bytes, no records, empty
+    records, rows of unequal aligned width, invalid characters) are DataErrors naming file, line and record.
+    """
+    path = Path(path)
+    try:
+        texts, names, lines = _split_records(path, _read_text(path))
+        return MSA(texts, names, lines, path)
+    except MemoryError:
+        raise DataError(f"{path}: out of memory while reading this A3M (too large)") from None
 
 
-def match_counts(matrix: np.ndarray) -> np.ndarray:
-    """(N, N) number of columns where rows i and j hold the same residue (gaps never match)."""
-    n, length = matrix.shape
-    letters = [c for c in np.unique(matrix) if c != GAP]
-    counts = np.zeros((n, n), dtype=np.float32)  # exact: counts stay far below 2**24
-    if not letters or length == 0:
-        return counts
-    chunk = max(1, _ONEHOT_BYTES // max(1, 4 * n * len(letters)))
-    code = np.array(letters, dtype=np.uint8)
-    for a in range(0, length, chunk):
-        block = matrix[:, a : a + chunk]
-        onehot = (block[:, :, None] == code[None, None, :]).reshape(n, -1).astype(np.float32)
-        counts += onehot @ onehot.T
-    return counts
+def parse_a3m(path: str | os.PathLike) -> list[str]:
+    """Aligned rows of an A3M file (first = query): insertions (lower case) dropped, ``.`` read as ``-``."""
+    return read_a3m(path).rows
 
 
-def identity_matrix(matrix: np.ndarray) -> np.ndarray:
-    """identity[i, j]: fraction of row i's non-gap columns where row j has the same residue."""
-    nongap = (matrix != GAP).sum(axis=1).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ident = match_counts(matrix) / nongap[:, None]
-    return np.nan_to_num(ident, nan=0.0)
+# ---------------------------------------------------------------------------------------------
+# Similarities (blocked)
+# ---------------------------------------------------------------------------------------------
+def _onehot(block: np.ndarray, cols: np.ndarray, letters: np.ndarray) -> np.ndarray:
+    """(rows, features) float32: 1 where the row holds ``letters[k]`` in column ``cols[k]``."""
+    return (block[:, cols] == letters).astype(np.float32)
 
 
-def sequence_weights(rows: Sequence[str] | np.ndarray, bound: float = 0.8) -> np.ndarray:
-    """Weight 1 / (number of rows with identity >= ``bound`` over the row's non-gap columns, itself included)."""
-    matrix = rows if isinstance(rows, np.ndarray) else _as_matrix(rows)
-    ident = identity_matrix(matrix)
-    neighbours = (ident >= bound).sum(axis=1)
-    # An all-gap row has no columns to compare; it counts only itself.
-    neighbours = np.maximum(neighbours, 1)
-    return (1.0 / neighbours).astype(np.float64)
+def neighbour_counts(matrix: np.ndarray, bound: float, block_rows: int | None = None) -> np.ndarray:
+    """``neighbours(i) = #{j : sim(i -> j) >= bound}`` for an (N, W) uint8 aligned matrix (no lower case).
+
+    ``sim(i -> j)`` = matches on row i's non-gap columns / row j's non-gap count, a float32 division
+    compared in float32 (all-gap rows: 0 / 0, never a neighbour). Identical rows are counted once with
+    their multiplicity; match counts of distinct rows come from one-hot products over blocks of rows
+    (exact: integer sums below 2**24 in float32), for block pairs ``J >= I`` only (the counts are
+    symmetric). Only (column, letter) features held by two distinct rows or more enter the products; the
+    others match only on the diagonal, which is set to ``len(i)``. Memory: O(N x W) plus a fixed block.
+    """
+    if matrix.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    uniq, inverse, mult = np.unique(matrix, axis=0, return_inverse=True, return_counts=True)
+    return _distinct_neighbour_counts(uniq, mult, bound, max(1, int(block_rows or BLOCK_ROWS)))[inverse.ravel()]
 
 
-@dataclass
+def _distinct_neighbour_counts(matrix: np.ndarray, mult: np.ndarray, bound: float, b: int) -> np.ndarray:
+    n, width = matrix.shape
+    lengths = np.zeros(n, dtype=np.int64)
+    feature_counts = np.zeros(width * 256, dtype=np.int64)
+    offsets = np.arange(width, dtype=np.int64) * 256
+    for i0 in range(0, n, b):
+        block = matrix[i0 : i0 + b]
+        lengths[i0 : i0 + b] = (block != GAP).sum(axis=1)
+        feature_counts += np.bincount((block + offsets).ravel(), minlength=width * 256)
+    feature_counts = feature_counts.reshape(width, 256)
+    feature_counts[:, GAP] = 0
+    cols, letters = np.nonzero(feature_counts >= 2)
+    letters = letters.astype(np.uint8)
+    chunks = [(k, min(k + BLOCK_FEATURES, len(cols))) for k in range(0, len(cols), BLOCK_FEATURES)] or [(0, 0)]
+    len32 = lengths.astype(np.float32)
+    b32 = np.float32(bound)
+    neighbours = np.zeros(n, dtype=np.int64)
+    for i0 in range(0, n, b):
+        rows_i = matrix[i0 : i0 + b]
+        # With one feature chunk, block I's one-hot is built once and reused for every block J.
+        onehot_i = _onehot(rows_i, cols, letters) if len(chunks) == 1 else None
+        for j0 in range(i0, n, b):
+            rows_j = matrix[j0 : j0 + b]
+            if onehot_i is not None:
+                onehot_j = onehot_i if j0 == i0 else _onehot(rows_j, cols, letters)
+                match = onehot_i @ onehot_j.T
+            else:
+                match = np.zeros((len(rows_i), len(rows_j)), dtype=np.float32)
+                for k0, k1 in chunks:
+                    c, a = cols[k0:k1], letters[k0:k1]
+                    match += _onehot(rows_i, c, a) @ _onehot(rows_j, c, a).T
+            if i0 == j0:
+                np.fill_diagonal(match, len32[i0 : i0 + b])
+            with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 for all-gap rows: NaN, never >= bound
+                neighbours[i0 : i0 + b] += (match / len32[j0 : j0 + b] >= b32) @ mult[j0 : j0 + b]
+                if j0 != i0:
+                    neighbours[j0 : j0 + b] += mult[i0 : i0 + b] @ (match / len32[i0 : i0 + b, None] >= b32)
+    return neighbours
+
+
+def query_similarity(matrix: np.ndarray, block_rows: int | None = None) -> np.ndarray:
+    """``qsim(j)`` = (columns equal to the query row, gap == gap included) / W, float32."""
+    n, width = matrix.shape
+    b = max(1, int(block_rows or BLOCK_ROWS))
+    same = np.zeros(n, dtype=np.int64)
+    for i0 in range(0, n, b):
+        same[i0 : i0 + b] = (matrix[i0 : i0 + b] == matrix[0]).sum(axis=1)
+    return same.astype(np.float32) / np.float32(width)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MSA
+# ---------------------------------------------------------------------------------------------
 class MSA:
-    """A parsed MSA with everything sampling needs, computed once."""
+    """A parsed A3M: original rows, aligned matrix, query similarity; weights cached per bound.
 
-    rows: list[str]
-    weights: np.ndarray  # per row, for neighbor_similarity_lower_bound = bound
-    query_identity: np.ndarray  # identity of each row to the query over the row's non-gap columns
-    query_columns: np.ndarray  # alignment column of each query residue
-    bound: float
+    ``texts[i]``: record i as written (insertions kept, ``.`` -> ``-``); ``matrix``: (N, W) uint8 aligned
+    rows (insertions removed); ``lengths``: non-gap columns per row; ``query_similarity``: float32 qsim.
+    """
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        names: Sequence[str] | None = None,
+        lines: Sequence[int] | None = None,
+        path: str | os.PathLike | None = None,
+    ):
+        self.path = None if path is None else Path(path)
+        where = str(self.path) if self.path is not None else "<rows>"
+        self.names = list(names) if names is not None else [f"row {i + 1}" for i in range(len(texts))]
+        self.lines = list(lines) if lines is not None else [0] * len(texts)
+
+        def at(i: int) -> str:
+            return f"{where}:{self.lines[i]}" if self.lines[i] else where
+
+        if not texts:
+            raise DataError(f"{where}: empty A3M file (no records)")
+        self.texts = [t.replace(".", "-") for t in texts]
+        aligned = [t.translate(_DROP_LOWER) for t in self.texts]
+        width = len(aligned[0])
+        for i, (t, a) in enumerate(zip(self.texts, aligned)):
+            if not t:
+                raise DataError(f"{at(i)}: record {self.names[i]!r} is empty (a header without sequence lines)")
+            if len(a) != width:
+                raise DataError(
+                    f"{at(i)}: record {self.names[i]!r} has {len(a)} aligned columns, the query {self.names[0]!r} has "
+                    f"{width} (rows must be equal length once insertions, lower case, are dropped)"
+                )
+            bad = _BAD_CHAR.search(t)
+            if bad:
+                raise DataError(f"{at(i)}: record {self.names[i]!r}: invalid character {bad.group()!r}")
+        if width == 0 or aligned[0].count("-") == width:
+            raise DataError(f"{at(0)}: the query row {self.names[0]!r} has no aligned residue")
+        self.matrix = np.frombuffer("".join(aligned).encode("ascii"), dtype=np.uint8).reshape(len(aligned), width)
+        del aligned
+        self.lengths = (self.matrix != GAP).sum(axis=1)
+        self.query_similarity = query_similarity(self.matrix)
+        self.query_columns = np.flatnonzero(self.matrix[0] != GAP)
+        self.query_sequence = self.matrix[0][self.query_columns].tobytes().decode("ascii")
+        self._neighbours: dict[float, np.ndarray] = {}
+        self._probabilities: dict[tuple[float, float, float], tuple[np.ndarray, int]] = {}
+        self._noted: set[tuple[float, float]] = set()
 
     @classmethod
-    def from_rows(cls, rows: Sequence[str], bound: float = 0.8) -> "MSA":
-        """Build from aligned rows (first = query)."""
-        rows = list(rows)
-        matrix = _as_matrix(rows)
-        ident = identity_matrix(matrix)
-        neighbours = np.maximum((ident >= bound).sum(axis=1), 1)
-        return cls(
-            rows=rows,
-            weights=1.0 / neighbours,
-            query_identity=ident[:, 0].astype(np.float64),
-            query_columns=np.flatnonzero(matrix[0] != GAP),
-            bound=bound,
-        )
+    def from_rows(cls, rows: Sequence[str], bound: float | None = None) -> "MSA":
+        """Build from A3M row texts (first = query; lower-case insertions and ``.`` allowed)."""
+        msa = cls(list(rows))
+        if bound is not None:
+            msa.neighbour_counts(bound)
+        return msa
+
+    def __len__(self) -> int:
+        return self.matrix.shape[0]
 
     @property
-    def query_sequence(self) -> str:
-        """The query row without gaps."""
-        return self.rows[0].replace("-", "").upper()
+    def width(self) -> int:
+        """Alignment width W (the query's aligned columns, gaps included)."""
+        return self.matrix.shape[1]
+
+    @property
+    def rows(self) -> list[str]:
+        """Aligned rows (insertions dropped, ``.`` as ``-``), as strings."""
+        return [r.tobytes().decode("ascii") for r in self.matrix]
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path is not None else "<rows>"
+
+    def neighbour_counts(self, bound: float) -> np.ndarray:
+        """``neighbours(i)`` for this bound (computed once per bound)."""
+        key = float(bound)
+        if key not in self._neighbours:
+            try:
+                self._neighbours[key] = neighbour_counts(self.matrix, key)
+            except MemoryError:
+                raise DataError(f"{self.label}: out of memory computing sequence weights ({len(self)} rows)") from None
+        return self._neighbours[key]
+
+    def weights(self, bound: float) -> np.ndarray:
+        """float64 ``1.0 / neighbours(i)``; 0 for rows without an aligned residue (never drawn)."""
+        n = self.neighbour_counts(bound)
+        w = np.zeros(len(n), dtype=np.float64)
+        ok = (self.lengths > 0) & (n > 0)
+        w[ok] = 1.0 / n[ok]
+        return w
+
+    def probabilities(self, sampling: MSASampling) -> tuple[np.ndarray, int]:
+        """(``p = w / w.sum()`` over all rows with non-candidates 0, number of candidates)."""
+        key = (float(sampling.neighbor_similarity_lower_bound), float(sampling.min_query_similarity),
+               float(sampling.max_query_similarity))
+        if key not in self._probabilities:
+            q = self.query_similarity
+            mask = (q >= np.float32(key[1])) & (q <= np.float32(key[2])) & (self.lengths > 0)
+            count = int(mask.sum())
+            # Same array (length N, float64, zeros off the candidates) as the reference: same sum, same p.
+            w = np.where(mask, self.weights(key[0]), 0.0)
+            self._probabilities[key] = (w / w.sum() if count else w, count)
+        return self._probabilities[key]
+
+    def check_query(self, sequence: str, protein_id: str) -> None:
+        """DataError when the query row (gaps removed) is not ``sequence``."""
+        if self.query_sequence == sequence:
+            return
+        first = next((k for k, (a, b) in enumerate(zip(self.query_sequence, sequence)) if a != b), None)
+        where = f"first difference at residue {first + 1}" if first is not None else "one is a prefix of the other"
+        line = f":{self.lines[0]}" if self.lines[0] else ""
+        raise DataError(
+            f"{self.label}{line}: record {self.names[0]!r}: first row (query, gaps removed) does not match the "
+            f"sequence of {protein_id!r} ({len(self.query_sequence)} vs {len(sequence)} residues, {where})"
+        )
+
+    def _span(self, window: tuple[int, int] | None) -> tuple[int, int, bool, bool] | None:
+        """(first column, last column + 1, open at the start, open at the end) of a query window."""
+        if window is None:
+            return None
+        start, end = max(0, window[0]), min(len(self.query_columns), window[1])
+        if end <= start or (start == 0 and end == len(self.query_columns)):
+            return None
+        cols = self.query_columns[start:end]
+        return int(cols[0]), int(cols[-1]) + 1, start == 0, end == len(self.query_columns)
+
+    def context_text(self, i: int, span: tuple[int, int, bool, bool] | None = None) -> str:
+        """Row i's original text (insertions kept), upper case, gaps removed; cut to ``span`` if given."""
+        text = self.texts[i]
+        if span is not None:
+            lo, hi, open_start, open_end = span
+            raw = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+            at = np.flatnonzero((raw < ord("a")) | (raw > ord("z")))  # text position of each aligned column
+            text = text[0 if open_start else at[lo] : len(text) if open_end else at[hi - 1] + 1]
+        return text.upper().replace("-", "")
+
+    def note_no_candidates(self, sampling: MSASampling) -> None:
+        """Log once per range that this MSA runs single-sequence (E1's sampler would raise)."""
+        key = (sampling.min_query_similarity, sampling.max_query_similarity)
+        if key not in self._noted:
+            self._noted.add(key)
+            log.info(
+                "%s: no row has query similarity in [%g, %g]; running single-sequence (E1's sampler would raise)",
+                self.label, key[0], key[1],
+            )
 
 
 def sample_context(
-    rows: Sequence[str] | MSA,
+    msa: Sequence[str] | MSA,
     seed: int,
     sampling: MSASampling = TRAIN_SAMPLING,
     window: tuple[int, int] | None = None,
 ) -> list[str]:
-    """Draw context sequences (gaps removed, upper case) from an MSA, never the query row itself.
+    """Context sequences in draw order, exactly as E1's ``sample_context`` (see the module docstring).
 
-    Rows are filtered by identity to the query, drawn without replacement with probability
-    proportional to their weight, and appended until the next would exceed ``max_token_length``
-    residues or ``max_num_samples`` rows. ``window`` = query residues ``[start, end)`` restricts
-    each row to the alignment columns of that part of the query.
+    ``msa`` is an :class:`MSA` or A3M row texts (first = query). The query row is a candidate like any
+    other (when ``max_query_similarity`` is 1.0 the context may contain the query itself, as in E1).
+    ``window=(start, end)`` cuts the drawn rows to the query residues ``[start, end)`` (e1min's departure).
     """
-    msa = rows if isinstance(rows, MSA) else MSA.from_rows(rows, sampling.neighbor_similarity_lower_bound)
-    if msa.bound != sampling.neighbor_similarity_lower_bound:
-        msa = MSA.from_rows(msa.rows, sampling.neighbor_similarity_lower_bound)
-    if sampling.max_num_samples == 0 or len(msa.rows) < 2:
+    if not isinstance(msa, MSA):
+        msa = MSA.from_rows(msa)
+    if sampling.max_num_samples == 0:
         return []
-    qid = msa.query_identity[1:]
-    candidates = 1 + np.flatnonzero((qid >= sampling.min_query_similarity) & (qid <= sampling.max_query_similarity))
-    if len(candidates) == 0:
+    p, count = msa.probabilities(sampling)
+    if count == 0:
+        msa.note_no_candidates(sampling)
         return []
-    rng = np.random.default_rng(seed)
-    # Weighted sampling without replacement (Efraimidis-Spirakis): sort by log(u) / w.
-    keys = np.log(rng.random(len(candidates))) / msa.weights[candidates]
-    order = candidates[np.argsort(-keys, kind="stable")]
-    lo, hi = 0, len(msa.rows[0])
-    if window is not None:
-        cols = msa.query_columns[window[0] : window[1]]
-        if len(cols):
-            lo, hi = int(cols[0]), int(cols[-1]) + 1
+    drawn = np.random.default_rng(seed).choice(
+        len(p), size=min(sampling.max_num_samples, count), p=p, replace=False, shuffle=True
+    )
+    span = msa._span(window)
     out: list[str] = []
     total = 0
-    for i in order:
-        seq = msa.rows[i][lo:hi].replace("-", "").upper()
+    for i in drawn:
+        seq = msa.context_text(int(i), span)
         if not seq:
-            continue
+            continue  # empty in the window (departure: skipped)
         if total + len(seq) > sampling.max_token_length:
             break
         out.append(seq)
         total += len(seq)
-        if len(out) >= sampling.max_num_samples:
-            break
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Per-protein lookup
+# ---------------------------------------------------------------------------------------------
 DEFAULT_FALLBACK_IONS: dict[str, tuple[str, ...]] = {"REE": ("LREE", "HREE")}
 
 
@@ -224,7 +485,9 @@ class ContextProvider:
     """Finds, parses, validates and caches per-protein MSAs; samples context from them.
 
     Lookup order: ``{msa_dir}/{ION}/{id}.a3m`` (or ``{ION}`` substituted inside ``msa_dir``), then the
-    directories of the ion's parts (REE -> LREE, HREE), then ``{msa_dir}/{id}.a3m``.
+    directories of the ion's parts (REE -> LREE, HREE), then ``{msa_dir}/{id}.a3m``. The first path
+    where anything exists is the protein's MSA: a directory, dangling symlink or symlink loop there is a
+    DataError, not "no MSA".
     """
 
     def __init__(self, msa_dir: str | os.PathLike | None, fallback_ions: Mapping[str, Sequence[str]] | None = None):
@@ -259,8 +522,20 @@ class ContextProvider:
         return [base / i / name for i in (ion, *self.fallback_ions.get(ion, ()))] + [base / name]
 
     def find(self, ion: str, protein_id: str) -> Path | None:
-        """The first existing MSA file for the protein, or None."""
-        return next((p for p in self.candidates(ion, protein_id) if p.is_file()), None)
+        """The protein's MSA file, or None; DataError when the first existing path is not a regular file."""
+        for p in self.candidates(ion, protein_id):
+            if _path_entry_exists(p):
+                check_a3m_path(p)
+                return p
+        return None
+
+    def validate(self, ion: str, protein_id: str, query_sequence: str) -> Path | None:
+        """Parse and check the protein's MSA without caching it; its path, or None when it has none."""
+        path = self.find(ion, protein_id)
+        if path is not None:
+            msa = self._cache.get(path) or read_a3m(path)
+            msa.check_query(query_sequence, protein_id)
+        return path
 
     def msa(self, ion: str, protein_id: str, query_sequence: str) -> MSA | None:
         """The protein's parsed MSA (cached), or None when it has none; checks the query row."""
@@ -271,13 +546,9 @@ class ContextProvider:
             return None
         msa = self._cache.get(path)
         if msa is None:
-            msa = MSA.from_rows(parse_a3m(path), TRAIN_SAMPLING.neighbor_similarity_lower_bound)
+            msa = read_a3m(path)
             self._cache[path] = msa
-        if msa.query_sequence != query_sequence:
-            raise DataError(
-                f"{path}: first row (query, gaps removed) does not match the sequence of {protein_id!r} "
-                f"({len(msa.query_sequence)} vs {len(query_sequence)} residues)"
-            )
+        msa.check_query(query_sequence, protein_id)
         return msa
 
     def rows(self, ion: str, protein_id: str, query_sequence: str) -> list[str] | None:
@@ -298,7 +569,4 @@ class ContextProvider:
         msa = self.msa(ion, protein_id, query_sequence)
         if msa is None:
             return []
-        if msa.bound != sampling.neighbor_similarity_lower_bound:
-            msa = MSA.from_rows(msa.rows, sampling.neighbor_similarity_lower_bound)
-            self._cache[self.find(ion, protein_id)] = msa  # type: ignore[index]
         return sample_context(msa, seed, sampling, window)

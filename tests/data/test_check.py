@@ -26,3 +26,26 @@ def test_clean_data(tmp_path):
     write_fasta(tmp_path / "ZN_train.fasta", [Record(f"z{i}", "ACDEFG" + "A" * i, None if i == 0 else np.ones(6 + i, np.uint8)) for i in range(4)])
     report, problems = check_data(tmp_path, ["ZN"], num_folds=2, seed=0)
     assert problems == [] and "no problems found" in report
+
+
+def test_every_msa_problem_is_found(tmp_path):
+    import os
+
+    seqs = {f"z{i}": "ACDEFG" + "HIKLMN"[i] for i in range(6)}
+    write_fasta(tmp_path / "ZN_train.fasta", [Record(pid, s, np.array([0, 1] + [0] * 5, np.uint8)) for pid, s in seqs.items()])
+    msa = tmp_path / "msa" / "ZN"
+    msa.mkdir(parents=True)
+    (msa / "z0.a3m").write_text(f">z0\n{seqs['z0']}\n>h\nACDEFGW\n")  # fine
+    (msa / "z1.a3m").write_text(f">z1\n{seqs['z1']}\n>h\nACDEF\n")  # unequal aligned width
+    (msa / "z2.a3m").mkdir()  # a directory
+    os.symlink(tmp_path / "gone.a3m", msa / "z3.a3m")  # dangling
+    os.symlink(msa / "z4.a3m", msa / "z4.a3m")  # loop
+    (msa / "z5.a3m").write_bytes(b">z5\nACDEFGN\n>h\nAC\xffDEFG\n")  # not text
+    report, problems = check_data(tmp_path, ["ZN"], msa_dir=tmp_path / "msa", num_folds=2, seed=0)
+    text = "\n".join(problems)
+    assert f"{msa / 'z1.a3m'}:3: record 'h' has 5 aligned columns" in text
+    assert f"{msa / 'z2.a3m'}: is a directory" in text
+    assert f"{msa / 'z3.a3m'}: dangling symlink" in text
+    assert f"{msa / 'z4.a3m'}: symlink loop" in text
+    assert f"{msa / 'z5.a3m'}:4: non-text byte 0xff" in text
+    assert len(problems) == 5 and "1/6" in report
