@@ -9,17 +9,48 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode of a new file under the user's umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """Mode of a new directory under the user's umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new hidden temporary directory in ``parent`` with the umask's mode (mkdtemp makes 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.
+
+    The file gets the user's umask mode (mkstemp would make it 0600, and a replaced file would
+    silently become private on a shared cluster).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.fchmod(fd, file_mode())
     os.close(fd)
     try:
         yield Path(tmp)
@@ -92,3 +123,48 @@ def read_json_object(path: str | os.PathLike, error: type[Exception], missing: s
     if not isinstance(obj, dict):
         raise error(f"{path}: expected a JSON object")
     return obj
+
+
+def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), what: str = "--out") -> Path:
+    """Refuse, before any work, an output file that is one of ``inputs`` or an existing directory."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"{what} {path}: is a directory; give a file name")
+    _refuse_inputs(path, inputs, what)
+    _check_parent(path, what)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), names: Iterable[str] = (),
+                     what: str = "--out-dir") -> Path:
+    """Refuse, before any work, an output directory that is a file, or whose output ``names`` are ``inputs``."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path}: exists and is not a directory")
+    inputs = list(inputs)
+    for name in names:
+        _refuse_inputs(path / name, inputs, what)
+    _check_parent(path / "x", what) if path.is_dir() else _check_parent(path, what)
+    return path
+
+
+def _refuse_inputs(out: Path, inputs: Iterable[str | os.PathLike | None], what: str) -> None:
+    target = out.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given).expanduser()
+        if src.resolve() == target or (src.exists() and out.exists() and os.path.samefile(src, out)):
+            raise OutputError(f"{what} {out}: is an input ({given}); refusing to overwrite it")
+
+
+def _check_parent(path: Path, what: str) -> None:
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {path}: cannot write in {parent}")
+
+
+class OutputError(ValueError):
+    """An output path that would overwrite an input, is of the wrong kind, or cannot be written."""

@@ -44,7 +44,7 @@ from e1min.data.collate import collate
 from e1min.data.dataset import Example, make_eval_examples, stitch_predictions
 from e1min.data.fasta import DataError, Record, read_fasta
 from e1min.data.msa import VALIDATION_SAMPLING, ContextProvider, MSASampling, parse_a3m
-from e1min.io import dumps_json
+from e1min.io import check_output_dir, check_output_file, dumps_json
 from e1min.runtime import MATMUL_PRECISIONS, describe, inference_precision, parse_precision, set_matmul_precision
 from e1min.scoring import autocast_context, score_examples, to_device
 
@@ -64,6 +64,7 @@ __all__ = [
 
 TSV_HEADER = ("id", "position", "residue", "ion", "probability", "std", "call")
 DEFAULT_MAX_TOKENS = 16384
+EVALUATION_FILES = ("predictions.tsv", "evaluation.json", "evaluation.md")
 DEFAULT_CHUNK = 256
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
 
@@ -913,9 +914,12 @@ def embed_file(
 ) -> dict[str, Any]:
     """Mean-pooled (and optionally per-residue) embeddings into safetensors shards + ``index.json``.
 
-    Shards ``embeddings-00001.safetensors``...; keys ``{id}`` (hidden_size,) and ``{id}.residues`` (L, hidden_size),
-    float32. A shard is written when it holds ``shard_size`` proteins or ``max_shard_bytes``; the index
-    (id -> shard) is written last. Long proteins are embedded in sliding windows and stitched.
+    Mean shards ``embeddings-00001.safetensors``...: key ``{id}`` -> (hidden_size,); with ``per_residue``,
+    residue shards ``residues-00001.safetensors``...: key ``{id}`` -> (L, hidden_size); float32. Two key
+    spaces (two kinds of file), so no protein id can collide with another's per-residue entry. Shards are
+    written when they hold ``shard_size`` proteins or ``max_shard_bytes``; ``index.json`` (id -> shard,
+    ``residues_index``: id -> residue shard) is written last. Long proteins are embedded in sliding
+    windows and stitched.
     ``precision``: ``"float32"`` (default on the CPU) or ``"bf16"`` (default on CUDA); ``bf16`` is the older flag.
     """
     from e1min.io import atomic_save_safetensors, atomic_write_json
@@ -924,21 +928,32 @@ def embed_file(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or next(backbone.parameters()).device
     precision = inference_precision(device, _requested(precision, bf16))
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise PredictError(f"protein id {dup!r} appears more than once; embeddings are keyed by id")
     index: dict[str, str] = {}
+    residues_index: dict[str, str] = {}
     shards: list[str] = []
+    residue_shards: list[str] = []
     buf: dict[str, torch.Tensor] = {}
-    buf_ids: list[str] = []
+    buf_res: dict[str, torch.Tensor] = {}
     buf_bytes = 0
 
     def flush():
-        nonlocal buf, buf_ids, buf_bytes
+        nonlocal buf, buf_res, buf_bytes
         if not buf:
             return
         name = f"embeddings-{len(shards) + 1:05d}.safetensors"
         atomic_save_safetensors(out_dir / name, buf, {"format": "pt"})
-        index.update({pid: name for pid in buf_ids})
+        index.update({pid: name for pid in buf})
         shards.append(name)
-        buf, buf_ids, buf_bytes = {}, [], 0
+        if buf_res:
+            rname = f"residues-{len(residue_shards) + 1:05d}.safetensors"
+            atomic_save_safetensors(out_dir / rname, buf_res, {"format": "pt"})
+            residues_index.update({pid: rname for pid in buf_res})
+            residue_shards.append(rname)
+        buf, buf_res, buf_bytes = {}, {}, 0
 
     prog = Progress(len(records), sum(len(r.sequence) for r in records), label="embedded", enabled=progress)
     for a in range(0, len(records), chunk_size):
@@ -952,18 +967,19 @@ def embed_file(
             res = torch.from_numpy(stitched[r.id])
             buf[r.id] = res.mean(0)
             if per_residue:
-                buf[f"{r.id}.residues"] = res
-            buf_ids.append(r.id)
+                buf_res[r.id] = res
             buf_bytes += (res.numel() + res.shape[1]) * 4 if per_residue else res.shape[1] * 4
-            if len(buf_ids) >= shard_size or buf_bytes >= max_shard_bytes:
+            if len(buf) >= shard_size or buf_bytes >= max_shard_bytes:
                 flush()
         prog.update(len(chunk), sum(len(r.sequence) for r in chunk))
     flush()
     stats = prog.finish()
     hidden = backbone.config.hidden_size
-    meta = {"format": "e1min-embeddings", "version": 1, "hidden_size": hidden, "per_residue": per_residue, "dtype": "float32",
-            "pooling": "mean over query residues of the final-norm hidden states", "keys": "{id} (mean), {id}.residues (per residue)",
-            "model": info or {}, "runtime": describe(device, precision), "proteins": len(index), "shards": shards, "index": index}
+    meta = {"format": "e1min-embeddings", "version": 2, "hidden_size": hidden, "per_residue": per_residue, "dtype": "float32",
+            "pooling": "mean over query residues of the final-norm hidden states",
+            "keys": "{id} in embeddings-*.safetensors (mean, hidden_size); {id} in residues-*.safetensors (per residue, L x hidden_size)",
+            "model": info or {}, "runtime": describe(device, precision), "proteins": len(index), "shards": shards, "index": index,
+            "residue_shards": residue_shards, "residues_index": residues_index}
     atomic_write_json(out_dir / "index.json", meta)
     return {**stats, "shards": len(shards)}
 
@@ -1076,7 +1092,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--format", default=None, choices=["tsv", "jsonl"], help="default: from --out's extension (.jsonl -> jsonl), else tsv")
     args = p.parse_args(argv)
     fmt = output_format(args.out or "", args.format)
-    out = Path(args.out or f"predictions.{fmt}")
+    out = check_output_file(args.out or f"predictions.{fmt}", [args.fasta])
     from e1min.dist import init_distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1113,6 +1129,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     args.require_labels = True
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PredictError("evaluate runs in one process; launch it without torchrun")
+    check_output_dir(args.out_dir, [args.fasta], EVALUATION_FILES)
     predictor, ions, provider, records, skipped = _setup(args)
     _report_setup(predictor, ions, records, skipped)
     report = evaluate_records(predictor, records, args.out_dir, ions, provider, args.max_tokens, args.chunk_size, args.seed,
@@ -1128,13 +1145,14 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
         prog="e1min embed",
         description="Final-norm embeddings of the fine-tuned backbone (a run/fold checkpoint, LoRA merged; a run directory "
         "uses --fold, default the first complete fold) or of a plain base E1 (a directory with config.json or a Hub id). "
-        "Writes OUT/embeddings-00001.safetensors ... (keys {id}: mean over residues; {id}.residues: per residue with "
-        "--per-residue) and OUT/index.json (id -> shard). Single sequence (no MSA context); runs in one process.",
+        "Writes OUT/embeddings-00001.safetensors ... (key {id}: mean over residues), with --per-residue also "
+        "OUT/residues-00001.safetensors ... (key {id}: per residue), and OUT/index.json (id -> shard). Single sequence "
+        "(no MSA context); runs in one process.",
     )
     p.add_argument("--checkpoint", required=True, help="run dir, fold dir, fold_K/best, or a base E1 directory / Hub id")
     p.add_argument("--fasta", required=True)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--per-residue", action="store_true", help="also store per-residue embeddings ({id}.residues)")
+    p.add_argument("--per-residue", action="store_true", help="also store per-residue embeddings (residues-*.safetensors)")
     p.add_argument("--shard-size", type=int, default=1000, help="proteins per safetensors shard (also capped at 1 GiB)")
     p.add_argument("--fold", type=int, default=None, help="fold of a run directory (default: first complete)")
     p.add_argument("--max-length", type=int, default=None, help="window length for long proteins (default: the checkpoint's max_query_length, else 1022)")
@@ -1151,6 +1169,7 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
         raise PredictError("embed runs in one process; launch it without torchrun")
     if not Path(args.fasta).exists():
         raise DataError(f"{args.fasta}: file not found")
+    check_output_dir(args.out, [args.fasta], ["index.json"], what="--out")
     backbone, info = load_backbone(args.checkpoint, args.fold, args.base_model, args.device, getattr(torch, args.dtype))
     max_len = args.max_length or info.get("max_query_length") or 1022
     records, skipped = read_input_fasta(args.fasta, args.skip_invalid)

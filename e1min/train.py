@@ -211,6 +211,7 @@ def backward_window(
     precision: str | bool = "float32",
     *,
     bf16: bool | None = None,
+    seeds: Sequence[int | None] | None = None,
 ) -> torch.Tensor:
     """Forward + backward every micro-batch of one optimiser step (this rank's share of it).
 
@@ -219,6 +220,8 @@ def backward_window(
     ``None`` entries are empty steps (a rank short of batches). Returns detached per-ion statistics
     (n_ions, 4): BCE sum, BCE tokens, MLM sum, MLM tokens. ``precision`` ``"bf16"`` autocasts the
     backbone only: heads and both loss terms are float32 (a bool is read as the old ``bf16`` flag).
+    ``seeds``: one RNG seed per entry of ``batches``, set before its forward, so dropout depends on the
+    global micro-batch and not on which rank runs it (world-size invariance).
     """
     precision = _precision(bf16 if bf16 is not None else precision)
     real = [b for b in batches if b is not None]
@@ -226,7 +229,13 @@ def backward_window(
     bce_tokens, mlm_tokens = ctx.sum_ints(local, "token_counts")
     ions = model.ions
     stats = torch.zeros(len(ions), 4, dtype=torch.float64, device=ctx.device)
-    for batch, ion in real:
+    seeds = list(seeds) if seeds is not None else [None] * len(batches)
+    for item, seed in zip(batches, seeds):
+        if item is None:
+            continue
+        batch, ion = item
+        if seed is not None:
+            torch.manual_seed(seed)
         batch = to_device(batch, ctx.device)
         mlm_pos = batch["mlm_labels"] != -100 if spec.use_mlm else None
         with autocast(ctx.device, precision):
@@ -344,15 +353,18 @@ class FoldTrainer:
         mine = shard(plan, ctx.rank, ctx.world_size)
         n_windows = ctx.max_int(math.ceil(len(mine) / t["accum_steps"]), "steps_per_epoch")
         self.model.train()
-        # Dropout RNG derived from (seed, fold, epoch, rank): a resumed run draws what an uninterrupted one would.
-        torch.manual_seed(stable_seed(cfg["general"]["seed"], self.fold, epoch, ctx.rank))
         stats = torch.zeros(len(self.ions), 4, dtype=torch.float64)  # per ion: bce sum, bce tokens, mlm sum, mlm tokens
         tokens, t0 = 0, time.time()
         for w in range(n_windows):
             window = mine[w * t["accum_steps"] : (w + 1) * t["accum_steps"]]
             batches = [self.collate_train(item, epoch) for item in window]
+            # Dropout RNG per global micro-batch (shard() deals plan entry j * world + rank to this rank's
+            # j-th slot): NGPU=2 with accum 1 draws what one process with accum 2 draws, and a resumed
+            # run draws what an uninterrupted one would.
+            seeds = [stable_seed(cfg["general"]["seed"], self.fold, epoch, "dropout", (w * t["accum_steps"] + j) * ctx.world_size + ctx.rank)
+                     for j in range(len(window))]
             tokens += sum(int((b["sequence_ids"] >= 0).sum()) for b, _ in filter(None, batches))
-            stats += backward_window(self.model, batches, ctx, self.loss_spec, self.precision)
+            stats += backward_window(self.model, batches, ctx, self.loss_spec, self.precision, seeds=seeds)
             self.optimizer_step()
             if cfg["general"]["check_replicas_every"] and self.state.step % cfg["general"]["check_replicas_every"] == 0:
                 ctx.check_replicas(self.params, self.state.step)

@@ -90,8 +90,9 @@ def test_single_process_collectives_are_trivial():
 
 
 def test_torchrun_two_processes_match_one(tmp_path, tiny_checkpoint):
-    """The trainer under torchrun (2 gloo ranks, accum 1) = one process with accum 2 (same global batches)."""
-    common = dict(model={"dropout": 0.0}, lora={"r": 4, "alpha": 8, "lora_dropout": 0.0})
+    """The trainer under torchrun (2 gloo ranks, accum 1) = one process with accum 2 (same global batches),
+    dropout included: its RNG is seeded per global micro-batch, not per rank."""
+    common = dict(model={"dropout": 0.2}, lora={"r": 4, "alpha": 8, "lora_dropout": 0.1})
     one = toy_config(tmp_path / "one", tiny_checkpoint, training={"epochs": 2, "accum_steps": 2}, **common)
     two = toy_config(tmp_path / "two", tiny_checkpoint, training={"epochs": 2, "accum_steps": 1}, **common)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}

@@ -327,17 +327,20 @@ def test_embeddings_reload_with_right_shapes(run_dir, queries, query_fasta, tmp_
     assert embed_main(["--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out", str(out), "--per-residue", "--shard-size", "4", "--quiet"]) == 0
     index = json.loads((out / "index.json").read_text())
     assert index["shards"] == ["embeddings-00001.safetensors", "embeddings-00002.safetensors", "embeddings-00003.safetensors"]
-    assert list(index["index"]) == [r.id for r in queries]
+    assert index["residue_shards"] == [s.replace("embeddings", "residues") for s in index["shards"]]
+    assert list(index["index"]) == [r.id for r in queries] == list(index["residues_index"])
     H = index["hidden_size"]
-    tensors = {}
-    for s in index["shards"]:
-        tensors.update(load_file(str(out / s)))
-    assert len(tensors) == 2 * len(queries)
+    means, residues = {}, {}
+    for s, rs in zip(index["shards"], index["residue_shards"]):
+        means.update(load_file(str(out / s)))
+        residues.update(load_file(str(out / rs)))
+    assert len(means) == len(residues) == len(queries)
     for r in queries:
-        res, mean = tensors[f"{r.id}.residues"], tensors[r.id]
+        res, mean = residues[r.id], means[r.id]
         assert res.shape == (len(r.sequence), H) and mean.shape == (H,)
         assert torch.allclose(mean, res.mean(0), atol=1e-6)
         assert r.id in load_file(str(out / index["index"][r.id]))
+    tensors = {**{f"{k}.residues": v for k, v in residues.items()}, **means}
     # The same protein alone (short: one window) equals what the fine-tuned backbone gives directly.
     p = load_checkpoint(run_dir / "fold_1")
     from e1min.tokenizer import prepare_batch
@@ -535,3 +538,55 @@ def test_two_process_predict_matches_single_process(run_dir, query_fasta, tmp_pa
     assert [(r["id"], r["position"], r["ion"]) for r in a] == [(r["id"], r["position"], r["ion"]) for r in b]
     assert np.allclose([float(r["probability"]) for r in a], [float(r["probability"]) for r in b], atol=TOL)
     assert not list(tmp_path.glob("*.part"))
+
+
+# ----------------------------------------------------------------------------------- output safety
+
+
+def test_predict_never_overwrites_its_input(run_dir, query_fasta):
+    before = query_fasta.read_bytes()
+    with pytest.raises(ValueError, match="is an input"):
+        predict_main(["--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out", str(query_fasta)])
+    # also through another spelling of the same path
+    other = query_fasta.parent / "." / query_fasta.name
+    with pytest.raises(ValueError, match="is an input"):
+        predict_main(["--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out", str(other)])
+    assert query_fasta.read_bytes() == before
+
+
+def test_output_paths_are_checked_before_any_work(run_dir, query_fasta, tmp_path, monkeypatch):
+    import e1min.predict as P
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(P, "load_predictor", no_model)
+    monkeypatch.setattr(P, "load_backbone", no_model)
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        predict_main(["--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out", str(tmp_path / "adir")])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        embed_main(["--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out", str(tmp_path / "afile")])
+    labelled = tmp_path / "ev" / "predictions.tsv"
+    labelled.parent.mkdir()
+    shutil.copy(run_dir.parent / "data/CA_train.fasta", labelled)
+    with pytest.raises(ValueError, match="is an input"):
+        evaluate_main(["--checkpoint", str(run_dir), "--fasta", str(labelled), "--out-dir", str(tmp_path / "ev")])
+
+
+def test_embedding_keys_cannot_collide(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(3)
+    a, b = random_records(rng, 2, "x", labelled=False)
+    recs = [Record("p1", a.sequence, None), Record("p1.residues", b.sequence, None)]
+    fasta = _fasta(tmp_path, "".join(f">{r.id}\n{r.sequence}\n" for r in recs))
+    out = tmp_path / "emb"
+    assert embed_main(["--checkpoint", str(run_dir), "--fasta", str(fasta), "--out", str(out), "--per-residue", "--quiet"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    means = load_file(str(out / index["index"]["p1"]))
+    residues = load_file(str(out / index["residues_index"]["p1"]))
+    assert set(means) == set(residues) == {"p1", "p1.residues"}
+    assert residues["p1"].shape[0] == len(a.sequence) and residues["p1.residues"].shape[0] == len(b.sequence)
+    assert means["p1.residues"].shape == (index["hidden_size"],)

@@ -1,0 +1,68 @@
+"""Atomic writes keep the user's umask; strict JSON; output paths never overwrite inputs."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from e1min.io import OutputError, atomic_write_text, check_output_dir, check_output_file, make_temp_dir
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_written_and_replaced_files_follow_the_umask(tmp_path, umask_022):
+    path = tmp_path / "a.txt"
+    atomic_write_text(path, "one")
+    assert _mode(path) == 0o644
+    os.chmod(path, 0o600)
+    atomic_write_text(path, "two")  # replacing a private file still gives the umask's mode
+    assert _mode(path) == 0o644 and path.read_text() == "two"
+    os.umask(0o077)
+    atomic_write_text(path, "three")
+    assert _mode(path) == 0o600
+    os.umask(0o022)
+    assert _mode(make_temp_dir(tmp_path, ".state.")) == 0o755
+
+
+def test_no_temporary_file_is_left_on_failure(tmp_path):
+    from e1min.io import atomic_path
+
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "x.json"):
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_file_checks(tmp_path):
+    src = tmp_path / "in.fasta"
+    src.write_text(">a\nMK\n")
+    with pytest.raises(OutputError, match="is an input"):
+        check_output_file(tmp_path / "sub" / ".." / "in.fasta", [src])
+    link = tmp_path / "link.tsv"
+    link.symlink_to(src)
+    with pytest.raises(OutputError, match="is an input"):
+        check_output_file(link, [src])
+    with pytest.raises(OutputError, match="is a directory"):
+        check_output_file(tmp_path, [src])
+    assert check_output_file(tmp_path / "new" / "out.tsv", [src]) == tmp_path / "new" / "out.tsv"
+
+
+def test_output_dir_checks(tmp_path):
+    src = tmp_path / "in.fasta"
+    src.write_text(">a\nMK\n")
+    with pytest.raises(OutputError, match="not a directory"):
+        check_output_dir(src)
+    with pytest.raises(OutputError, match="is an input"):
+        check_output_dir(tmp_path, [src], names=["in.fasta"])
+    assert check_output_dir(tmp_path / "fresh", [src], names=["index.json"]) == tmp_path / "fresh"
