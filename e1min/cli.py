@@ -36,6 +36,7 @@ FORWARDED: dict[str, tuple[str, str, str]] = {
     "evaluate": ("e1min.predict", "evaluate_main", "predict on a labelled FASTA and report metrics"),
     "embed": ("e1min.predict", "embed_main", "per-residue and mean-pooled embeddings to safetensors"),
     "check-data": ("e1min.data.check", "main", "validate every input a config names, print statistics"),
+    "report": ("e1min.train", "report_main", "regenerate a run's plots, thresholds and summary from its files"),
     "verify-lora": ("e1min.verify", "main", "unit-level LoRA checks (tiny random model by default)"),
 }
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ from e1min.data.seeding import stable_seed
 from e1min.dist import DistContext, init_distributed
 from e1min.heads import BindingModel, joint_loss, loss_sums
 from e1min.io import atomic_write_json, atomic_write_text, dumps_json, read_json_object
+from e1min.run import STATE_NAMES, RunDir, RunLock, RunLockError, RunStateError, remove_temporaries
 from e1min.runtime import autocast, describe, set_matmul_precision, training_precision
 from e1min.scoring import _precision, iter_scored, to_device
 from e1min.train_config import dump_config, load_config
@@ -616,27 +620,65 @@ def write_plots(plot_dir: Path, fold: int, history: list[dict], ions: Sequence[s
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
-def run_cross_validation(cfg: dict, ctx: DistContext, resume: bool = False) -> dict[str, Any] | None:
-    """Train every requested fold (skipping completed ones), then summarise. Returns the summary (rank 0)."""
+def run_cross_validation(cfg: dict, ctx: DistContext, resume: bool = False, restart_folds: bool = False) -> dict[str, Any] | None:
+    """Train every requested fold (skipping completed ones), then summarise. Returns the summary (rank 0).
+
+    A fold with a partial state (``fold_K/last`` or ``best`` without ``fold_result.json``) continues only
+    with ``resume`` and starts over only with ``restart_folds``; otherwise this refuses, naming the fold.
+    """
     t = cfg["training"]
-    out = Path(t["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    data = prepare_run(cfg, ctx, out)
+    run = RunDir(Path(t["output_dir"]))
+    run.root.mkdir(parents=True, exist_ok=True)
+    data = prepare_run(cfg, ctx, run.root)
     folds = [f - 1 for f in (t["folds"] or range(1, t["num_folds"] + 1))]
     for fold in folds:
-        if (out / f"fold_{fold + 1}" / "fold_result.json").exists():
-            log.info("fold %d already complete: skipped (delete %s to retrain)", fold + 1, out / f"fold_{fold + 1}")
+        k = fold + 1
+        if run.fold_result(k).exists():
+            log.info("fold %d already complete: skipped (delete %s to retrain)", k, run.fold(k))
             continue
-        FoldTrainer(cfg, ctx, data, fold, out).run(resume)
+        partial = ctx.is_main and any(state_dir(run.state(k, w)) is not None for w in STATE_NAMES)
+        if ctx.any(partial, "partial_fold") and not resume:
+            if not restart_folds:
+                raise RunStateError(f"{run.fold(k)}: holds an unfinished fold {k}; rerun with --resume to continue it "
+                                    f"or with --restart-fold to train it from scratch")
+            if ctx.is_main:
+                log.info("fold %d: --restart-fold: removing its previous state", k)
+                shutil.rmtree(run.fold(k))
+            ctx.barrier("restart_fold")
+        FoldTrainer(cfg, ctx, data, fold, run.root).run(resume)
     if data.provider is not None and data.provider.missing and ctx.is_main:
         log.info("%d proteins had no MSA and ran single-sequence", len(data.provider.missing))
     summary = None
     if ctx.is_main:
-        summary = summarise(out, t["ions"], t["num_folds"], t["threshold_method"])
+        summary = report_run(run.root, cfg, only_missing_plots=True)
         if summary:
-            log.info("\n%s", (out / "summary.md").read_text())
+            log.info("\n%s", (run.root / "summary.md").read_text())
     ctx.barrier("run_end")
     return summary
+
+
+def report_run(out: str | os.PathLike, cfg: dict | None = None, only_missing_plots: bool = False) -> dict[str, Any] | None:
+    """Plots of every complete fold (from its metrics.jsonl) and the run summary, from what is on disk.
+
+    ``e1min report RUN_DIR`` calls this, so a run killed after a fold still gets its plots and summary.
+    """
+    out = Path(out)
+    if cfg is None:
+        cfg_file = out / "config.yaml"
+        if not cfg_file.exists():
+            raise RunStateError(f"{out}: no config.yaml (not an e1min run directory)")
+        cfg, _ = load_config(cfg_file, check_files=False)
+    t = cfg["training"]
+    run = RunDir(out)
+    for k in range(1, t["num_folds"] + 1):
+        history_file = run.fold(k) / "metrics.jsonl"
+        if not run.fold_result(k).exists() or not history_file.exists():
+            continue
+        if only_missing_plots and (out / "plots" / f"curves_fold_{k}.csv").exists():
+            continue
+        history = [json.loads(line) for line in history_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        write_plots(out / "plots", k, history, t["ions"])
+    return summarise(out, t["ions"], t["num_folds"], t["threshold_method"])
 
 
 def setup_logging(out: Path, is_main: bool) -> None:
@@ -665,22 +707,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (YAML)")
     p.add_argument("--folds", default=None, help="comma-separated 1-based folds to run, e.g. 1,3")
     p.add_argument("--resume", action="store_true", help="continue interrupted folds from their last epoch checkpoint")
+    p.add_argument("--restart-fold", action="store_true", help="train unfinished folds from scratch, deleting their previous state")
     args = p.parse_args(argv)
+    if args.resume and args.restart_fold:
+        raise RunStateError("--resume and --restart-fold exclude each other")
     overrides = list(args.set)
     if args.folds:
         overrides.append(f"training.folds=[{args.folds}]")
     cfg, notes = load_config(args.config, overrides)
     set_matmul_precision(cfg["model"]["matmul_precision"])
     ctx = init_distributed(cfg["general"]["dist_timeout_seconds"], cfg["general"]["device"])
+    out = Path(cfg["training"]["output_dir"])
+    lock = RunLock(out)
     try:
-        setup_logging(Path(cfg["training"]["output_dir"]), ctx.is_main)
+        # One writer per run directory: rank 0 locks it before anything (even training.log) is written.
+        error, removed = None, []
+        if ctx.is_main:
+            try:
+                lock.acquire()
+                removed = remove_temporaries(out)
+            except RunLockError as e:
+                error = e
+        if ctx.any(error is not None, "run_lock"):
+            raise error or RunLockError(f"{out}: rank 0 could not lock the run directory")
+        setup_logging(out, ctx.is_main)
         for n in notes:
             log.info(n)
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted save, e.g. %s", len(removed), removed[0])
         log.info("e1min train: %s, %d process(es) on %s, precision %s, float32 matmul precision %s", args.config, ctx.world_size,
                  ctx.device, training_precision(ctx.device, cfg["training"]["bf16"]), cfg["model"]["matmul_precision"])
-        run_cross_validation(cfg, ctx, resume=args.resume)
+        run_cross_validation(cfg, ctx, resume=args.resume, restart_folds=args.restart_fold)
     finally:
+        lock.release()
         ctx.destroy()
+    return 0
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """``e1min report RUN_DIR``: regenerate plots, thresholds and the summary of a run from its files."""
+    p = argparse.ArgumentParser(prog="e1min report", description="Regenerate plots/, thresholds.json and summary.{json,md} "
+                                "of a training run from what is on disk (e.g. after a run was killed after a fold).")
+    p.add_argument("run_dir")
+    args = p.parse_args(argv)
+    out = Path(args.run_dir)
+    with RunLock(out):
+        summary = report_run(out)
+    if summary is None:
+        print(f"{out}: no complete fold with out-of-fold predictions yet", file=sys.stderr)
+        return 0
+    print((out / "summary.md").read_text())
     return 0
 
 

@@ -1,0 +1,89 @@
+"""The run directory: one writer (lock file), no silent restart of a fold, cleanup, regenerated reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from e1min.run import LOCK_FILE, RunLock, RunLockError, RunStateError, remove_temporaries
+from e1min.train import main as train_main
+from e1min.train import report_main
+from tests.conftest import toy_config
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path):
+    with RunLock(tmp_path):
+        holder = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(RunLockError, match=f"another e1min run is writing here \\(pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK_FILE).exists()  # released on exit
+
+
+def test_stale_lock_is_reported_with_the_command_to_clear_it(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}))
+    with pytest.raises(RunLockError, match=f"stale lock of process {dead}.*rm {tmp_path / LOCK_FILE}"):
+        RunLock(tmp_path).acquire()
+
+
+def test_train_refuses_a_locked_output_dir_before_writing(tmp_path, tiny_checkpoint):
+    cfg = toy_config(tmp_path, tiny_checkpoint, training={"epochs": 1})
+    out = tmp_path / "out"
+    with RunLock(out):
+        with pytest.raises(RunLockError, match="another e1min run is writing here"):
+            train_main(["--config", str(cfg)])
+    assert sorted(p.name for p in out.iterdir()) == []  # not even training.log
+
+
+def test_unfinished_fold_needs_resume_or_restart(tmp_path, tiny_checkpoint):
+    cfg = toy_config(tmp_path, tiny_checkpoint, training={"epochs": 1})
+    assert train_main(["--config", str(cfg)]) == 0
+    fold = tmp_path / "out/fold_1"
+    (fold / "fold_result.json").unlink()  # as if killed after the last epoch checkpoint
+    before = (fold / "last/adapter_model.safetensors").read_bytes()
+    with pytest.raises(RunStateError, match="fold_1: holds an unfinished fold 1; rerun with --resume.*--restart-fold"):
+        train_main(["--config", str(cfg)])
+    assert (fold / "last/adapter_model.safetensors").read_bytes() == before  # nothing overwritten
+    with pytest.raises(RunStateError, match="exclude each other"):
+        train_main(["--config", str(cfg), "--resume", "--restart-fold"])
+    assert train_main(["--config", str(cfg), "--restart-fold"]) == 0
+    assert (fold / "fold_result.json").exists()
+
+
+def test_leftovers_of_interrupted_saves_are_removed_at_the_next_start(tmp_path, tiny_checkpoint):
+    cfg = toy_config(tmp_path, tiny_checkpoint, training={"epochs": 1})
+    assert train_main(["--config", str(cfg)]) == 0
+    out = tmp_path / "out"
+    junk = [out / ".folds.json.abc123.tmp", out / "fold_1/.best.x9y8z7", out / "fold_1/best/.heads.safetensors.q1.tmp"]
+    junk[0].write_text("{")
+    junk[1].mkdir()
+    (junk[1] / "checkpoint.json").write_text("{}")
+    junk[2].write_bytes(b"\0" * 10)
+    keep = out / "fold_1/best.old"
+    shutil.copytree(out / "fold_1/best", keep)  # a crash mid-swap: kept (state_dir falls back to it)
+    assert train_main(["--config", str(cfg)]) == 0  # fold 1 is complete: skipped, but cleanup ran
+    assert not any(p.exists() for p in junk) and keep.exists()
+    assert sorted(p.name for p in remove_temporaries(out)) == []
+
+
+def test_report_regenerates_plots_and_summary(tmp_path, tiny_checkpoint, capsys):
+    cfg = toy_config(tmp_path, tiny_checkpoint, training={"epochs": 1})
+    assert train_main(["--config", str(cfg)]) == 0
+    out = tmp_path / "out"
+    shutil.rmtree(out / "plots")
+    for name in ("summary.json", "summary.md", "thresholds.json"):
+        (out / name).unlink()
+    capsys.readouterr()
+    assert report_main([str(out)]) == 0
+    assert (out / "plots/curves_fold_1.csv").exists() and (out / "summary.json").exists()
+    assert "Cross-validation summary over folds 1" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunStateError, match="no config.yaml"):
+        report_main([str(tmp_path / "empty")])
