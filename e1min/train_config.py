@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,10 @@ def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = F
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+# YAML 1.1 (PyYAML) reads ``1e-4`` as a string; learning rates are written that way, so read it as a float.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load_yaml(text: str) -> Any:
@@ -324,7 +329,7 @@ def _list_problems(dotted: str, values: list, kind: type, required: bool = False
         return [f"'{dotted}' values must be between {low} and {high if high is not None else 'inf'}, got {short(values)}"]
     dupes = sorted({str(v) for v in values if values.count(v) > 1})
     if dupes:
-        return [f"'{dotted}' lists {short(', '.join(dupes))} more than once"]
+        return [f"'{dotted}' lists {', '.join(dupes)[:80]} more than once"]
     return []
 
 
