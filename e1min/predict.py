@@ -1165,6 +1165,8 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     _positive("--shard-size", args.shard_size)
     _positive("--max-tokens", args.max_tokens)
+    if args.max_length is not None and args.max_length < 2:
+        raise PredictError(f"--max-length must be at least 2, got {args.max_length}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PredictError("embed runs in one process; launch it without torchrun")
     if not Path(args.fasta).exists():
