@@ -210,6 +210,8 @@ def _normalize_keys(tensors: dict[str, torch.Tensor], source: Path) -> dict[str,
     """PEFT names -> ``<module path>.lora_A`` / ``.lora_B`` / ``mlm_head.<param>``; errors for everything else."""
     out: dict[str, torch.Tensor] = {}
     problems, no_prefix, dora, bias, other, adapters = [], [], [], [], [], set()
+    not_float: list[str] = []
+    non_finite: list[str] = []
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
             no_prefix.append(key)
@@ -240,8 +242,14 @@ def _normalize_keys(tensors: dict[str, torch.Tensor], source: Path) -> dict[str,
         if new in out:
             problems.append(f"{new} appears twice")
         if not t.is_floating_point():
-            problems.append(f"{key} has non-floating dtype {t.dtype}")
+            not_float.append(f"{key} ({str(t.dtype).removeprefix('torch.')})")
+        elif not bool(torch.isfinite(t).all()):  # adapters are small: an exact check costs nothing
+            non_finite.append(f"{key} ({_count_non_finite(t)})")
         out[new] = t
+    if not_float:
+        problems.append(f"non-floating dtype in tensor(s) {_few(not_float)}")
+    if non_finite:
+        problems.append(f"non-finite values (NaN/inf) in tensor(s) {_few(non_finite)}")
     if no_prefix:
         problems.append(f"keys without the '{PREFIX}' prefix (not a PEFT adapter file?): {_few(no_prefix)}")
     if dora:
@@ -255,6 +263,12 @@ def _normalize_keys(tensors: dict[str, torch.Tensor], source: Path) -> dict[str,
     if problems:
         raise AdapterError(f"{source}: " + " | ".join(problems))
     return out
+
+
+def _count_non_finite(t: torch.Tensor) -> str:
+    """``3 NaN, 0 inf of 256``."""
+    n_nan = int(torch.isnan(t).sum())
+    return f"{n_nan} NaN, {int((~torch.isfinite(t)).sum()) - n_nan} inf of {t.numel()}"
 
 
 def _few(keys: list[str], n: int = 4) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,9 @@ class E1Config:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        problems = []
+        problems = _type_problems(self)
+        if problems:  # the shape checks below need well-typed values
+            raise ConfigError("; ".join(problems))
         if self.hidden_size % self.num_attention_heads:
             problems.append(f"hidden_size {self.hidden_size} not divisible by num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -68,6 +71,8 @@ class E1Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "E1Config":
         """Build from a config.json dict; unknown keys are kept in ``extra``, missing required keys are an error."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of config fields, got {show(d)}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         missing = sorted(required - d.keys())
@@ -93,6 +98,53 @@ class E1Config:
         from e1min.io import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """``str '64'``: a value's JSON-ish type and repr, cut to ``limit`` characters, for error messages."""
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# field -> (check, description); each field of config.json with the type and range E1 needs.
+_FIELD_CHECKS: dict[str, tuple[Any, str]] = {
+    **{k: (lambda v: _is_int(v) and v >= 1, "an integer >= 1") for k in (
+        "hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "num_key_value_heads",
+        "max_num_sequences", "max_num_positions_within_seq", "max_num_positions_global", "vocab_size")},
+    "global_attention_every_n_layers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "rope_theta_within_seq": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "rope_theta_global": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "clip_qkv": (lambda v: v is None or (_is_number(v) and v > 0), "a number > 0 or null"),
+    "rms_norm_eps": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "gated_mlp": (lambda v: isinstance(v, bool), "true or false"),
+    "hidden_act": (lambda v: isinstance(v, str), "a string"),
+    "model_type": (lambda v: isinstance(v, str), "a string"),
+    "torch_dtype": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+
+
+def _type_problems(config: "E1Config") -> list[str]:
+    """One message per field of the wrong type or out of range (``'hidden_size' must be ..., got str '64'``)."""
+    problems = []
+    for name, (ok, what) in _FIELD_CHECKS.items():
+        value = getattr(config, name)
+        if not ok(value):
+            problems.append(f"{name!r} must be {what}, got {show(value)}")
+    if not isinstance(config.extra, dict):
+        problems.append(f"extra must be a dict, got {show(config.extra)}")
+    return problems
 
 
 _RELEASED = dict(global_attention_every_n_layers=3, rope_theta_within_seq=10000.0, rope_theta_global=500000.0, clip_qkv=8.0)

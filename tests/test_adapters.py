@@ -3,6 +3,7 @@ error, and atomic writes."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -238,3 +239,62 @@ def test_save_errors_and_atomic_write(tmp_path, tiny_config, monkeypatch):
     with pytest.raises(OSError):
         save_adapter(model, tmp_path / "fresh")
     assert os.listdir(tmp_path / "fresh") == []
+
+
+def _edited_copy(d, dst, edit):
+    tensors = load_file(str(d / ADAPTER_WEIGHTS_NAME))
+    edit(tensors)
+    dst.mkdir()
+    save_file(tensors, str(dst / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    (dst / ADAPTER_CONFIG_NAME).write_text((d / ADAPTER_CONFIG_NAME).read_text())
+    return dst
+
+
+@pytest.mark.parametrize(
+    "value, counts", [(float("nan"), r"1 NaN, 0 inf of 256"), (float("inf"), r"0 NaN, 1 inf of 256"), (-float("inf"), r"0 NaN, 1 inf of 256")]
+)
+def test_non_finite_adapter_tensor(saved, tmp_path, tiny_config, value, counts):
+    _, d = saved
+    key = _tensor_key(layer=2, ab="B")
+
+    def edit(t):
+        t[key][7, 2] = value
+
+    bad = _edited_copy(d, tmp_path / "bad", edit)
+    target = random_model(tiny_config, seed=1)
+    with pytest.raises(AdapterError, match=rf"bad/{ADAPTER_WEIGHTS_NAME}: non-finite values \(NaN/inf\) in tensor\(s\) {re.escape(key)} \({counts}\)"):
+        load_adapter(target, bad)
+    assert not lora_modules(target)  # untouched
+
+
+def test_all_nan_adapter_is_one_line_naming_a_few_tensors(saved, tmp_path, tiny_config):
+    _, d = saved
+    bad = _edited_copy(d, tmp_path / "bad", lambda t: [v.fill_(float("nan")) for v in t.values()])
+    with pytest.raises(AdapterError) as e:
+        load_adapter(random_model(tiny_config, seed=1), bad)
+    msg = str(e.value)
+    assert "\n" not in msg and f"bad/{ADAPTER_WEIGHTS_NAME}: non-finite values" in msg
+    assert "base_model.model.model.layers.0.ffn.mlp.w2.lora_B.weight (256 NaN, 0 inf of 256)" in msg and "(84 in all)" in msg
+
+
+def test_integer_adapter_tensor(saved, tmp_path, tiny_config):
+    _, d = saved
+    key = _tensor_key(layer=1, ab="A")
+    bad = _edited_copy(d, tmp_path / "bad", lambda t: t.update({key: t[key].to(torch.int32)}))
+    with pytest.raises(AdapterError, match=rf"bad/{ADAPTER_WEIGHTS_NAME}: non-floating dtype in tensor\(s\) {re.escape(key)} \(int32\)"):
+        load_adapter(random_model(tiny_config, seed=1), bad)
+
+
+def test_fp16_adapter_still_loads(saved, tmp_path, tiny_config):
+    _, d = saved
+    half = _edited_copy(d, tmp_path / "half", lambda t: t.update({k: v.half() for k, v in t.items()}))
+    m = load_adapter(random_model(tiny_config, seed=1), half)
+    assert lora_modules(m)[Q].lora_A.dtype == torch.float32
+
+
+def test_non_utf8_adapter_config(saved, tmp_path, tiny_config):
+    _, d = saved
+    bad = _edited_copy(d, tmp_path / "bad", lambda t: None)
+    (bad / ADAPTER_CONFIG_NAME).write_bytes(b'{"peft_type": "LORA\xff"}')
+    with pytest.raises(AdapterError, match=rf"bad/{ADAPTER_CONFIG_NAME}: not valid JSON"):
+        load_adapter(random_model(tiny_config, seed=1), bad)

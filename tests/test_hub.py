@@ -147,3 +147,103 @@ def test_unknown_config_fields_tolerated(tmp_path, tiny_checkpoint):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_model(tmp_path / "nope" / "deeper")
+
+
+def _with_config(tmp_path, tiny_checkpoint, edit=None, raw=None):
+    d = tmp_path / "conf"
+    shutil.copytree(tiny_checkpoint, d)
+    if raw is not None:
+        (d / "config.json").write_bytes(raw)
+    else:
+        conf = json.loads((d / "config.json").read_text())
+        edit(conf)
+        (d / "config.json").write_text(json.dumps(conf))
+    return d
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("hidden_size", "64", "'hidden_size' must be an integer >= 1, got str '64'"),
+        ("num_attention_heads", 0, "'num_attention_heads' must be an integer >= 1, got int 0"),
+        ("num_hidden_layers", 2.0, "'num_hidden_layers' must be an integer >= 1, got float 2.0"),
+        ("rms_norm_eps", "1e-5", "'rms_norm_eps' must be a number > 0, got str '1e-5'"),
+        ("clip_qkv", [8], r"'clip_qkv' must be a number > 0 or null, got list \[8\]"),
+        ("gated_mlp", "yes", "'gated_mlp' must be true or false, got str 'yes'"),
+        ("torch_dtype", 16, "'torch_dtype' must be a string or null, got int 16"),
+    ],
+)
+def test_config_field_types(tmp_path, tiny_checkpoint, field, value, message):
+    d = _with_config(tmp_path, tiny_checkpoint, lambda c: c.update({field: value}))
+    with pytest.raises(CheckpointError, match=rf"conf/config.json: {message}"):
+        load_model(d)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [(b'{"hidden_size": 64, "model_type": "E1\xff"}', r"config.json: not valid JSON \('utf-8' codec"),
+     (b"[64, 4, 128, 3]", "config.json: expected a JSON object")],
+)
+def test_config_not_utf8_or_not_an_object(tmp_path, tiny_checkpoint, raw, message):
+    d = _with_config(tmp_path, tiny_checkpoint, raw=raw)
+    with pytest.raises(CheckpointError, match=rf"conf/{message}"):
+        load_model(d)
+
+
+def test_config_torch_dtype_must_be_floating(tmp_path, tiny_checkpoint):
+    d = _with_config(tmp_path, tiny_checkpoint, lambda c: c.update(torch_dtype="int32"))
+    with pytest.raises(CheckpointError, match="conf/config.json: 'torch_dtype' must name a floating-point dtype, got str 'int32'"):
+        load_model(d)
+    d2 = _with_config(tmp_path / "x", tiny_checkpoint, lambda c: c.update(torch_dtype="auto"))
+    assert load_model(d2).model.norm.weight.dtype == torch.float32  # unknown names: the model's default
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_base_weight(tmp_path, tiny_checkpoint, value):
+    def edit(state):
+        state["model.layers.1.ffn.mlp.w2.weight"][3, 5] = value
+
+    d = _corrupt(tmp_path, tiny_checkpoint, edit)
+    with pytest.raises(CheckpointError, match=r"bad/model\.safetensors: tensor 'model\.layers\.1\.ffn\.mlp\.w2\.weight' has non-finite values"):
+        load_model(d)
+
+
+def test_all_nan_base_weight_in_a_shard(tmp_path, tiny_config):
+    write_random_checkpoint(tmp_path, tiny_config, seed=1, max_shard_bytes=50_000)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    state = load_file(shard)
+    key = sorted(state)[0]
+    state[key].fill_(float("nan"))
+    save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor '{key}' has non-finite values \(\d+ NaN, 0 inf"):
+        load_model(tmp_path, dtype=torch.float32)
+
+
+def test_overflow_when_cast_is_named(tmp_path, tiny_checkpoint):
+    d = _corrupt(tmp_path, tiny_checkpoint, lambda s: s["model.norm.weight"].fill_(1e6))
+    assert load_model(d, dtype=torch.float32) is not None  # finite in float32
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight' has non-finite values after the cast from float32 to float16"):
+        load_model(d, dtype=torch.float16)
+
+
+def test_large_but_finite_sums_are_not_flagged(tmp_path, tiny_checkpoint):
+    """A float16 sum that overflows is re-checked element-wise, not reported."""
+    d = _corrupt(tmp_path, tiny_checkpoint, lambda s: s["model.embed_tokens.weight"].fill_(60000.0))
+    assert load_model(d, dtype=torch.float16).model.embed_tokens.weight.dtype == torch.float16
+
+
+def test_integer_base_weight(tmp_path, tiny_checkpoint):
+    d = _corrupt(tmp_path, tiny_checkpoint, lambda s: s.update({"model.norm.weight": s["model.norm.weight"].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=r"bad/model\.safetensors: tensor 'model\.norm\.weight' has non-floating dtype I32"):
+        load_model(d)
+
+
+def test_bad_index(tmp_path, tiny_config):
+    write_random_checkpoint(tmp_path, tiny_config, seed=1, max_shard_bytes=50_000)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_bytes(b'{"weight_map": {"a": "\xff"}}')
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a valid safetensors index \(UnicodeDecodeError"):
+        load_model(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"index\.json: 'weight_map' must be an object tensor name -> shard file name"):
+        load_model(tmp_path)
