@@ -11,8 +11,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -182,7 +183,8 @@ def validate_trainer_state(state: Any, path: str | os.PathLike) -> None:
             raise RunCheckpointError(f"{path}: missing field 'trainer_state.{name}' ({what}); cannot resume")
         if not ok(state[name]):
             raise RunCheckpointError(f"{path}: 'trainer_state.{name}' must be {what}, got {show(state[name])}")
-    unknown = sorted(set(state) - set(TRAINER_STATE_FIELDS) - _fold_state_fields())
+    unknown = set(state) - set(TRAINER_STATE_FIELDS)
+    unknown = sorted(unknown - _fold_state_fields()) if unknown else []
     if unknown:
         raise RunCheckpointError(f"{path}: unknown field(s) {', '.join('trainer_state.' + k for k in unknown)} (written by another e1min version?)")
 

@@ -184,6 +184,10 @@ def load_state_dict(
     return state
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _check_finite(state: dict[str, torch.Tensor], sums: list[torch.Tensor], order: list[tuple[str, Path, str, torch.dtype]]) -> None:
     """CheckpointError naming file and tensor for the first weight with a NaN or infinity (after the cast).
 
@@ -200,8 +204,7 @@ def _check_finite(state: dict[str, torch.Tensor], sums: list[torch.Tensor], orde
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
             n_nan = int(torch.isnan(t).sum())
-            name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
-            cast = f" after the cast from {name(stored)} to {name(t.dtype)}" if stored != t.dtype else ""
+            cast = f" after the cast from {_dtype_name(stored)} to {_dtype_name(t.dtype)}" if stored != t.dtype else ""
             raise CheckpointError(f"{f}: tensor {k!r} has non-finite values{cast} ({n_nan} NaN, {int(bad.sum()) - n_nan} inf of {t.numel()})")
 
 

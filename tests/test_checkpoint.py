@@ -386,3 +386,28 @@ def test_format_version_must_be_the_integer_1(last, version):
     _edit_meta(d, lambda m: m.update(format_version=version))
     with pytest.raises(RunCheckpointError, match=rf"{META_FILE}: checkpoint format version {re.escape(repr(version))}; this e1min reads version 1"):
         read_meta(d)
+
+
+def test_trainer_resume_reports_a_garbage_optimizer_state(tmp_path, tiny_checkpoint, monkeypatch):
+    """The trainer's own resume path (FoldTrainer.run -> load_state) fails before the first step, naming the file."""
+    import e1min.train as train
+    from tests.conftest import toy_config
+
+    cfg = toy_config(tmp_path, tiny_checkpoint, training={"epochs": 2, "early_stop_patience": 10})
+    original = train.FoldTrainer.end_epoch
+
+    def crash_after_first_epoch(self, epoch, *a):
+        original(self, epoch, *a)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.FoldTrainer, "end_epoch", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", str(cfg)])
+    monkeypatch.setattr(train.FoldTrainer, "end_epoch", original)
+    last = tmp_path / "out/fold_1/last"
+    (last / OPTIMIZER_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    steps = []
+    monkeypatch.setattr(train.FoldTrainer, "optimizer_step", lambda self: steps.append(1))
+    with pytest.raises(RunCheckpointError, match=rf"fold_1/last/{OPTIMIZER_FILE}: unreadable or truncated safetensors file"):
+        train.main(["--config", str(cfg), "--resume"])
+    assert not steps
