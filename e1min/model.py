@@ -245,6 +245,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     return flex_attention(q, k, v, mask)
 
 
+def clip(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``x.clamp(-c, c)`` whose backward keeps a boolean mask instead of a float copy of ``x`` (4x less memory)."""
+    if not x.requires_grad:
+        return x.clamp(-c, c)
+    return torch.where(x.abs() <= c, x, x.detach().clamp(-c, c))
+
+
+class _SiluGate(torch.autograd.Function):
+    """``silu(a) * b`` saving only a and b for backward (silu(a) is recomputed): one L x I tensor less per layer."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        s = torch.sigmoid(a)
+        return grad * b * (s * (1 + a * (1 - s))), grad * (a * s)
+
+
 class Attention(nn.Module):
     def __init__(self, config: E1Config):
         super().__init__()
@@ -264,7 +286,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+            q, k, v = (clip(t, self.clip_qkv) for t in (q, k, v))
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -297,7 +319,10 @@ class GatedMLP(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        a, b = self.w1(x), self.w3(x)
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return self.w2(_SiluGate.apply(a, b))
+        return self.w2(F.silu(a) * b)
 
 
 class FFN(nn.Module):

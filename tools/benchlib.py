@@ -68,18 +68,114 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
     return 2 * n**3 / timed(lambda: a @ b, repeats) / 1e9
 
 
-def machine_line() -> str:
+def matmul_peak_gflops(dtype: torch.dtype) -> float:
+    """The best matmul GFLOP/s in ``dtype`` over square and transformer-shaped (tokens x 768 x 2304) products.
+
+    The MFU denominator: measured in the same run as the rows it divides, not taken from a datasheet.
+    Emulated bf16 (no native support) is probed on a small shape only: it is ~100x slower.
+    """
+    fast = dtype == torch.float32 or _cpu_has_native_bf16()
+    shapes = [(1024, 1024, 1024), (2048, 2048, 2048), (2048, 768, 2304), (2048, 2304, 768)] if fast else [(256, 256, 256)]
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        best = max(best, 2 * m * k * n / timed(lambda: a @ b, 3) / 1e9)
+    return best
+
+
+def cpu_flags() -> str:
+    """The matmul-relevant CPU flags this machine reports (Linux /proc/cpuinfo)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    have = [f for f in wanted if f in flags]
+    return " ".join(have) if have else "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        return "unknown CPU"
+
+
+def measure_peaks() -> dict[str, float]:
+    """Matmul peaks (GFLOP/s) per precision, measured now (bf16: small probe unless native)."""
+    return {"float32": matmul_peak_gflops(torch.float32), "bfloat16": matmul_peak_gflops(torch.bfloat16)}
+
+
+def machine_line(peaks: dict[str, float] | None = None) -> str:
+    """CPU, flags, threads, torch, and the measured matmul peaks (pass ``peaks`` to reuse a measurement)."""
+    peaks = peaks or measure_peaks()
+    return (
+        f"{cpu_model()} [{cpu_flags()}], {torch.get_num_threads()} threads, torch {torch.__version__} "
+        f"({torch.backends.cpu.get_cpu_capability()}), native bf16: {_cpu_has_native_bf16()}; measured matmul peak "
+        f"GFLOP/s: float32 {peaks['float32']:.0f}, bfloat16 {peaks['bfloat16']:.1f}"
+    )
+
+
+def _cpu_has_native_bf16() -> bool:
     from e1min.scoring import cpu_has_native_bf16
 
-    return (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, "
-        f"native bf16: {cpu_has_native_bf16()}; matmul GFLOP/s float32 {matmul_gflops(torch.float32):.0f}, "
-        f"bfloat16 {matmul_gflops(torch.bfloat16, 256):.1f}"
-    )
+    return cpu_has_native_bf16()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model FLOPs and MFU
+#
+# Linear layers: a forward costs 2 FLOPs per weight per token. A LoRA step with a frozen base still
+# needs the activation gradients (another 2 per weight per token) but no weight gradients, so a step is
+# ~4 x N x tokens (the small LoRA matrices get both: 6 x N_lora x tokens). Attention adds what the chosen
+# path actually computes: 4 x d_head x heads FLOPs per (query, key) pair in the forward and twice that
+# in the backward (dV, dP, dQ, dK). Linear FLOPs count real tokens only (padding is not model work);
+# the flash kernel's recomputation of the scores in backward is not counted either.
+# MFU = model FLOPs / seconds / the same precision's measured matmul peak.
+# ---------------------------------------------------------------------------------------------
+def matmul_params(config, with_head: bool = True) -> int:
+    """Weights used in matmuls per token: q/k/v/o and the gated MLP of every layer, plus the MLM head."""
+    h, kv, i = config.hidden_size, config.num_key_value_heads * config.head_dim, config.intermediate_size
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
+    head = h * h + h * config.vocab_size if with_head else 0
+    return config.num_hidden_layers * per_layer + head
+
+
+def lora_params(model: torch.nn.Module) -> int:
+    """Trainable LoRA weights (lora_A + lora_B) of a model."""
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def attention_pairs(model, sequence_ids: torch.Tensor) -> int:
+    """(query, key) pairs the model's attention path computes for this batch, summed over layers."""
+    from e1min.model import BlockRanges, layer_masks
+
+    backbone = model.model if hasattr(model, "model") else model
+    within, glob = layer_masks(sequence_ids, backbone.attn_impl)
+    b, n = sequence_ids.shape
+
+    def pairs(mask) -> int:
+        if isinstance(mask, BlockRanges):
+            return sum((q1 - q0) * (k1 - k0) for _, q0, q1, k0, k1, _ in mask.blocks)
+        return b * n * n  # SDPA over the full (padded) row, with or without a dense mask
+
+    return sum(pairs(glob if layer.is_global else within) for layer in backbone.layers)
+
+
+def forward_flops(config, tokens: int, pairs: int) -> float:
+    """Model FLOPs of one forward: linear layers (MLM head on every token) + attention pairs."""
+    return 2 * matmul_params(config) * tokens + 4 * config.hidden_size * pairs
+
+
+def lora_step_flops(config, tokens: int, pairs: int, n_lora: int, head_tokens: int) -> float:
+    """Model FLOPs of one LoRA step (frozen base): 4 N T + 6 N_lora T + MLM head on ``head_tokens`` + 3 x attention."""
+    backbone = matmul_params(config, with_head=False)
+    head = matmul_params(config) - backbone
+    return 4 * backbone * tokens + 6 * n_lora * tokens + 4 * head * head_tokens + 3 * 4 * config.hidden_size * pairs
 
 
 def default_bf16_rows() -> bool:
     """bf16 rows by default only where bf16 is fast (native CPU support); emulated bf16 rows take hours."""
-    from e1min.scoring import cpu_has_native_bf16
-
-    return cpu_has_native_bf16() or torch.cuda.is_available()
+    return _cpu_has_native_bf16() or torch.cuda.is_available()

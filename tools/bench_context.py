@@ -1,0 +1,133 @@
+"""Attention with MSA context: training step and forward vs context size, dense vs structured attention.
+
+    python tools/bench_context.py [--contexts 8 16 32 64] [--dense-max-context 16] [--plain-max-context 32]
+
+E1-150m shape (random weights, float32). Rows: a 300-residue query with 8/16/32/64 context sequences of
+110-150 residues (one row per batch), plus the 2 x 300 single-sequence batch as the baseline. Training
+step = LoRA r=16 on the 7 targets (dropout 0.1) + ion head, joint BCE + MLM loss, AdamW (as
+bench_train.py). Columns: real tokens, tokens/s, MFU (model FLOPs of the chosen attention path / time /
+float32 matmul peak measured in this run), peak RSS. Each row runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from benchlib import (  # noqa: E402
+    attention_pairs, default_bf16_rows, forward_flops, lora_params, lora_step_flops, machine_line, measure_peaks,
+    peak_rss_mb, print_table, run_child, timed,
+)
+
+QUERY_LENGTH = 300
+
+
+def make_examples(context: int, seed: int = 0):
+    """The bench rows: context 0 -> two 300-residue queries; else one query with ``context`` rows of 110-150."""
+    from e1min.data.dataset import Example
+
+    rng = np.random.default_rng(seed)
+    alphabet = list("ACDEFGHIKLMNPQRSTVWY")
+
+    def seq(n):
+        return "".join(rng.choice(alphabet, n))
+
+    def example(i, ctx):
+        labels = (rng.random(QUERY_LENGTH) < 0.02).astype(np.uint8)
+        return Example(f"p{i}", "ZN", seq(QUERY_LENGTH), labels, context=[seq(int(rng.integers(110, 151))) for _ in range(ctx)])
+
+    return [example(0, 0), example(1, 0)] if context == 0 else [example(0, context)]
+
+
+def child(s: dict) -> dict:
+    from e1min.config import preset
+    from e1min.data.collate import MaskingConfig, collate
+    from e1min.dist import DistContext
+    from e1min.heads import BindingModel
+    from e1min.lora import apply_lora
+    from e1min.random_checkpoint import random_model
+    from e1min.train import LossSpec, backward_window, build_optimizer, optimizer_step
+
+    torch.manual_seed(0)
+    config = preset(s["preset"])
+    backbone = random_model(config, seed=0)
+    backbone.set_attn_impl(s["impl"])
+    backbone.set_gradient_checkpointing(s.get("ckpt", False))
+    batch = collate(make_examples(s["context"]), masking=MaskingConfig(0.15), seed=0, epoch=0)
+    tokens = int((batch["sequence_ids"] >= 0).sum())
+    pairs = attention_pairs(backbone, batch["sequence_ids"])
+    if s["mode"] == "forward":
+        ids = {k: batch[k] for k in ("input_ids", "within_seq_position_ids", "global_position_ids", "sequence_ids")}
+        with torch.inference_mode():
+            sec = timed(lambda: backbone(**ids), s["steps"])
+        flops = forward_flops(config, tokens, pairs)
+    else:
+        apply_lora(backbone, r=16, alpha=32, dropout=0.1)
+        model = BindingModel(backbone, ["ZN"], head_dropout=0.3).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = build_optimizer(model, 1e-4, 0.035)
+        ctx = DistContext()
+
+        def step():
+            backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), bf16=False)
+            optimizer_step(params, opt, ctx, 1.0, 1e-4)
+
+        sec = timed(step, s["steps"])
+        flops = lora_step_flops(config, tokens, pairs, lora_params(backbone), int((batch["mlm_labels"] != -100).sum()))
+    return {**s, "rows": len(batch["input_ids"]), "tokens": tokens, "s": sec, "tok_s": tokens / sec,
+            "mfu": 100 * flops / sec / (s["peak"] * 1e9), "rss_mb": peak_rss_mb(), "load": os.getloadavg()[0]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="e1-150m")
+    p.add_argument("--contexts", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--dense-max-context", type=int, default=16,
+                   help="dense rows only up to this many context sequences (larger ones need tens of GB)")
+    p.add_argument("--plain-max-context", type=int, default=32,
+                   help="structured training rows without activation checkpointing only up to this many context sequences")
+    p.add_argument("--modes", nargs="+", default=["train", "forward"], choices=["train", "forward"])
+    p.add_argument("--forward-contexts", type=int, nargs="+", default=None, help="context sizes of forward rows (default: --contexts)")
+    p.add_argument("--steps", type=int, default=1, help="timed iterations per row after one warm-up (median)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(json.loads(a.child))))
+        return
+    peaks = measure_peaks()
+    print(f"bench_context: {a.preset}, float32, query {QUERY_LENGTH} + context rows of 110-150 residues; {machine_line(peaks)}")
+    if not default_bf16_rows():
+        print("bf16 rows skipped: this CPU has no native bf16 (emulated bf16 matmuls run at ~1% of float32)")
+    print(f"dense rows only up to {a.dense_max_context} context sequences: the dense path computes L x L attention in "
+          f"all 20 layers and keeps a float L x L mask per layer for backward (quadratic memory and time; >24 GB at 64)")
+    print(f"training rows without activation checkpointing only up to {a.plain_max_context} context sequences: float32 "
+          f"activations saved for a LoRA step grow linearly with tokens (slope: the rows below) and pass 16 GB at 64 rows")
+    rows = []
+    for mode in a.modes:
+        contexts = a.contexts if mode == "train" or a.forward_contexts is None else a.forward_contexts
+        for context in [0, *contexts]:
+            variants = [("dense", False), ("structured", False)]
+            if mode == "train":
+                variants += [("dense", True), ("structured", True)]
+            for impl, ckpt in variants:
+                if impl == "dense" and (context > a.dense_max_context or ckpt):
+                    continue
+                if mode == "train" and not ckpt and context > a.plain_max_context:
+                    continue
+                r = run_child(__file__, {"mode": mode, "impl": impl, "ckpt": ckpt, "context": context, "preset": a.preset,
+                                         "steps": a.steps, "peak": peaks["float32"]}, timeout=7200)
+                print(f"  done: {r}", file=sys.stderr, flush=True)
+                rows.append(r)
+    print_table(rows, [("mode", "mode", ""), ("impl", "attention", ""), ("ckpt", "act. ckpt", ""), ("context", "context seqs", "d"), ("rows", "rows", "d"),
+                       ("tokens", "tokens", "d"), ("s", "s/iter", ".2f"), ("tok_s", "tokens/s", ".0f"), ("mfu", "MFU %", ".1f"),
+                       ("rss_mb", "peak RSS MB", ".0f"), ("load", "load avg", ".1f")])
+
+
+if __name__ == "__main__":
+    main()
