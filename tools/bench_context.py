@@ -65,7 +65,7 @@ def child(s: dict) -> dict:
     if s["mode"] == "forward":
         ids = {k: batch[k] for k in ("input_ids", "within_seq_position_ids", "global_position_ids", "sequence_ids")}
         with torch.inference_mode():
-            sec = timed(lambda: backbone(**ids), s["steps"])
+            sec = timed(lambda: backbone(**ids), s["steps"], s["warmup"])
         flops = forward_flops(config, tokens, pairs)
     else:
         apply_lora(backbone, r=16, alpha=32, dropout=0.1)
@@ -78,7 +78,7 @@ def child(s: dict) -> dict:
             backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), bf16=False)
             optimizer_step(params, opt, ctx, 1.0, 1e-4)
 
-        sec = timed(step, s["steps"])
+        sec = timed(step, s["steps"], s["warmup"])
         flops = lora_step_flops(config, tokens, pairs, lora_params(backbone), int((batch["mlm_labels"] != -100).sum()))
     return {**s, "rows": len(batch["input_ids"]), "tokens": tokens, "s": sec, "tok_s": tokens / sec,
             "mfu": 100 * flops / sec / (s["peak"] * 1e9), "rss_mb": peak_rss_mb(), "load": os.getloadavg()[0]}
@@ -94,7 +94,8 @@ def main() -> None:
                    help="structured training rows without activation checkpointing only up to this many context sequences")
     p.add_argument("--modes", nargs="+", default=["train", "forward"], choices=["train", "forward"])
     p.add_argument("--forward-contexts", type=int, nargs="+", default=None, help="context sizes of forward rows (default: --contexts)")
-    p.add_argument("--steps", type=int, default=1, help="timed iterations per row after one warm-up (median)")
+    p.add_argument("--steps", type=int, default=1, help="timed iterations per row (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations before them")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -121,7 +122,7 @@ def main() -> None:
                 if mode == "train" and not ckpt and context > a.plain_max_context:
                     continue
                 r = run_child(__file__, {"mode": mode, "impl": impl, "ckpt": ckpt, "context": context, "preset": a.preset,
-                                         "steps": a.steps, "peak": peaks["float32"]}, timeout=7200)
+                                         "steps": a.steps, "warmup": a.warmup, "peak": peaks["float32"]}, timeout=7200)
                 print(f"  done: {r}", file=sys.stderr, flush=True)
                 rows.append(r)
     print_table(rows, [("mode", "mode", ""), ("impl", "attention", ""), ("ckpt", "act. ckpt", ""), ("context", "context seqs", "d"), ("rows", "rows", "d"),

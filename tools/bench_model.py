@@ -15,7 +15,9 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from benchlib import default_bf16_rows, machine_line, peak_rss_mb, print_table, run_child, timed  # noqa: E402
+from benchlib import (  # noqa: E402
+    attention_pairs, default_bf16_rows, forward_flops, machine_line, measure_peaks, peak_rss_mb, print_table, run_child, timed,
+)
 
 SETTINGS = [
     {"batch": 1, "length": 256, "context": 0},
@@ -31,14 +33,17 @@ def child(s: dict) -> dict:
     from e1min.tokenizer import prepare_batch
 
     torch.manual_seed(0)
-    model = random_model(preset(s["preset"]), seed=0, dtype=getattr(torch, s["dtype"]))
+    config = preset(s["preset"])
+    model = random_model(config, seed=0, dtype=getattr(torch, s["dtype"]))
     seq = "".join("ACDEFGHIKLMNPQRSTVWY"[i % 20] for i in range(s["length"]))
     row = ",".join([seq] * (s["context"] + 1))
     batch = prepare_batch([row] * s["batch"])
     tokens = int((batch["sequence_ids"] >= 0).sum())
     with torch.inference_mode():
         sec = timed(lambda: model(**batch), s["repeats"])
-    return {**s, "tokens": tokens, "tok_s": tokens / sec, "ms": sec * 1000, "rss_mb": peak_rss_mb()}
+    flops = forward_flops(config, tokens, attention_pairs(model, batch["sequence_ids"]))
+    return {**s, "tokens": tokens, "tok_s": tokens / sec, "ms": sec * 1000, "rss_mb": peak_rss_mb(),
+            "mfu": 100 * flops / sec / (s["peak"] * 1e9)}
 
 
 def main() -> None:
@@ -52,10 +57,12 @@ def main() -> None:
         print(json.dumps(child(json.loads(a.child))))
         return
     dtypes = a.dtypes or (["float32", "bfloat16"] if default_bf16_rows() else ["float32"])
-    print(f"bench_model: {a.preset} forward (inference_mode), {machine_line()}")
-    rows = [run_child(__file__, {**s, "dtype": d, "preset": a.preset, "repeats": a.repeats}) for d in dtypes for s in SETTINGS]
+    peaks = measure_peaks()
+    print(f"bench_model: {a.preset} forward (inference_mode), {machine_line(peaks)}")
+    print("MFU: model FLOPs (2 x matmul weights x real tokens + attention pairs computed) / time / the dtype's measured matmul peak")
+    rows = [run_child(__file__, {**s, "dtype": d, "preset": a.preset, "repeats": a.repeats, "peak": peaks[d]}) for d in dtypes for s in SETTINGS]
     print_table(rows, [("dtype", "dtype", ""), ("batch", "batch", "d"), ("length", "length", "d"), ("context", "context seqs", "d"),
-                       ("tokens", "tokens", "d"), ("ms", "ms/forward", ".0f"), ("tok_s", "tokens/s", ".0f"), ("rss_mb", "peak RSS MB", ".0f")])
+                       ("tokens", "tokens", "d"), ("ms", "ms/forward", ".0f"), ("tok_s", "tokens/s", ".0f"), ("mfu", "MFU %", ".1f"), ("rss_mb", "peak RSS MB", ".0f")])
 
 
 if __name__ == "__main__":

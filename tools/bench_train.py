@@ -17,7 +17,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from benchlib import default_bf16_rows, machine_line, peak_rss_mb, print_table, run_child, timed  # noqa: E402
+from benchlib import (  # noqa: E402
+    attention_pairs, default_bf16_rows, lora_params, lora_step_flops, machine_line, measure_peaks, peak_rss_mb, print_table,
+    run_child, timed,
+)
 
 SETTINGS = [
     {"batch": 2, "length": 256, "context": 0, "precision": "float32", "ckpt": False},
@@ -44,7 +47,8 @@ def child(s: dict) -> dict:
 
     torch.manual_seed(0)
     base_dtype = torch.bfloat16 if s["precision"] == "bf16-base+autocast" else torch.float32
-    backbone = random_model(preset(s["preset"]), seed=0, dtype=base_dtype)
+    config = preset(s["preset"])
+    backbone = random_model(config, seed=0, dtype=base_dtype)
     apply_lora(backbone, r=16, alpha=32)
     backbone.set_gradient_checkpointing(s["ckpt"])
     model = BindingModel(backbone, ["ZN"], head_dropout=0.3).train()
@@ -68,7 +72,12 @@ def child(s: dict) -> dict:
         optimizer_step(params, opt, ctx, 1.0, 1e-4)
 
     sec = timed(step, s["steps"])
-    return {**s, "tokens": tokens, "tok_s": tokens / sec, "prot_s": s["batch"] / sec, "s_step": sec, "rss_mb": peak_rss_mb()}
+    # Model FLOPs only: activation checkpointing's recomputed forward is not counted (it lowers MFU, as it should).
+    flops = lora_step_flops(config, tokens, attention_pairs(backbone, batch["sequence_ids"]), lora_params(backbone),
+                            int((batch["mlm_labels"] != -100).sum()))
+    peak = s["peaks"]["float32" if s["precision"] == "float32" else "bfloat16"]
+    return {**s, "tokens": tokens, "tok_s": tokens / sec, "prot_s": s["batch"] / sec, "s_step": sec, "rss_mb": peak_rss_mb(),
+            "mfu": 100 * flops / sec / (peak * 1e9)}
 
 
 def main() -> None:
@@ -81,15 +90,18 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return
-    print(f"bench_train: {a.preset} + LoRA r=16 (7 targets) + ion head, joint BCE+MLM, AdamW; {machine_line()}")
+    peaks = measure_peaks()
+    print(f"bench_train: {a.preset} + LoRA r=16 (7 targets) + ion head, joint BCE+MLM, AdamW; {machine_line(peaks)}")
+    print("MFU: step model FLOPs (4 x frozen matmul weights x tokens + 6 x LoRA weights x tokens + MLM head on masked "
+          "tokens + 3 x attention) / time / the precision's measured matmul peak")
     settings = SETTINGS if (a.bf16 or default_bf16_rows()) else [s for s in SETTINGS if s["precision"] == "float32"]
     if len(settings) < len(SETTINGS):
         print("bf16 rows skipped: no native bf16 on this CPU (emulated bf16 is far slower; --bf16 runs them anyway)")
-    rows = [run_child(__file__, {**s, "preset": a.preset, "steps": a.steps}) for s in settings]
+    rows = [run_child(__file__, {**s, "preset": a.preset, "steps": a.steps, "peaks": peaks}) for s in settings]
     print_table(rows, [("batch", "batch", "d"), ("length", "length", "d"), ("context", "context seqs", "d"),
                        ("precision", "precision", ""), ("ckpt", "act. ckpt", ""), ("tokens", "tokens", "d"),
                        ("s_step", "s/step", ".2f"), ("tok_s", "tokens/s", ".0f"), ("prot_s", "proteins/s", ".2f"),
-                       ("rss_mb", "peak RSS MB", ".0f")])
+                       ("mfu", "MFU %", ".1f"), ("rss_mb", "peak RSS MB", ".0f")])
 
 
 if __name__ == "__main__":
