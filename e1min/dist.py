@@ -7,9 +7,11 @@ failed collective (dead or stuck peer) becomes a DistributedError naming the ope
 
 from __future__ import annotations
 
+import collections
 import datetime
+import gc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -27,6 +29,10 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     timeout_s: float = 300.0
+    # Set once a collective failed (dead/hung peer): destroy() then skips its final barrier.
+    failed: bool = False
+    # The tensors of the last few collectives (see _pin and destroy()).
+    _recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8), repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -37,10 +43,18 @@ class DistContext:
         return self.world_size > 1
 
     # -- collectives -------------------------------------------------------------------------
+    def _pin(self, *tensors) -> None:
+        """Keep Python references to a collective's tensors: a gloo worker thread drops its own reference
+        just *after* the caller has been woken, and must never be the one to free a Python-owned tensor
+        (that needs the GIL, fatal once the interpreter is finalising)."""
+        self._recent.append(tensors)
+
     def _run(self, name: str, fn, *args, **kwargs):
+        self._pin(*[a for a in args if isinstance(a, (torch.Tensor, list))])
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, ValueError) as e:
+            self.failed = True
             raise DistributedError(
                 f"rank {self.rank}/{self.world_size}: collective '{name}' failed (a peer rank died, hung for more "
                 f"than {self.timeout_s:.0f}s, or disagreed): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -144,8 +158,27 @@ class DistContext:
             raise DistributedError(f"rank {self.rank}: trainable parameters diverged across ranks at step {step} (checksums {float(-lo[0])} .. {float(hi[0])})")
 
     def destroy(self) -> None:
-        if self.distributed and tdist.is_initialized():
-            tdist.destroy_process_group()
+        """Tear the process group down while the interpreter is fully alive; safe to call twice.
+
+        Normal end: a real ``tdist.barrier()`` first (every rank has finished every collective), then
+        ``destroy_process_group()``. After a failed collective (``self.failed``: peer dead or hung) the
+        barrier is skipped -- it could only wait out the timeout again -- but the group is still destroyed
+        here (tests/dist_workers.py::worker_dies does this and must exit 1, not hang or abort): leaving it
+        for interpreter finalisation is the path that can abort with "terminate called
+        without an active exception" (gloo threads touching the GIL after finalisation started).
+        Caveat: ``destroy_process_group()`` only drops torch.distributed's own references; while anything
+        else references the ProcessGroup its C++ threads outlive this call.
+        """
+        if not (self.distributed and tdist.is_initialized()):
+            return
+        if not self.failed:
+            try:
+                self._run("shutdown_barrier", tdist.barrier)
+            except DistributedError:
+                pass  # a peer vanished at the very end: the run's own results are already written
+        tdist.destroy_process_group()
+        gc.collect()
+        self._recent.clear()
 
 
 def replica_checksum(params: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -132,6 +132,29 @@ def worker_dies(rank, world, store, out):
         with open(out, "w") as fh:
             fh.write(f"{type(e).__name__}: {e}")
         sys.exit(1)
+    finally:
+        ctx.destroy()  # as the trainer's main() does: must neither hang nor abort after a failed collective
+    sys.exit(0)
+
+
+def worker_teardown(rank, world, store, out):
+    """Ends a 2-rank group exactly as the trainer does: every kind of collective, a final barrier,
+    destroy(), then a normal interpreter exit (the path that used to SIGABRT now and then)."""
+    ctx = init(rank, world, store)
+    p = torch.nn.Parameter(torch.ones(5))
+    ctx.broadcast_parameters([p])
+    for step in range(20):
+        p.grad = torch.full((5,), float(rank + step))
+        ctx.sync_gradients([p])
+        ctx.gather_cat(torch.arange(rank + 1.0))
+        ctx.any(step == 19 and rank == 1)
+        ctx.sum_ints([step, rank])
+    ctx.check_replicas([p.detach()], 20)
+    ctx.barrier("run_end")
+    ctx.destroy()
+    ctx.destroy()  # idempotent
+    with open(f"{out}.{rank}", "w") as fh:
+        fh.write("done")
     sys.exit(0)
 
 

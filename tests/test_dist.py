@@ -81,6 +81,17 @@ def test_dead_rank_gives_clear_error(tmp_path):
     assert time.time() - start < 90
 
 
+def test_trainer_style_teardown_never_aborts(tmp_path):
+    """barrier -> destroy -> interpreter exit, repeated: each run must exit 0 on both ranks (it used to
+    SIGABRT now and then: gloo threads touching the GIL during interpreter finalisation)."""
+    for i in range(6):
+        run_dir = tmp_path / f"r{i}"
+        run_dir.mkdir()
+        out = tmp_path / f"td{i}"
+        assert spawn(W.worker_teardown, 2, run_dir, out) == [0, 0], i
+        assert [(tmp_path / f"td{i}.{r}").read_text() for r in range(2)] == ["done", "done"]
+
+
 def test_single_process_collectives_are_trivial():
     ctx = DistContext()
     assert ctx.sum_ints([3, 4]) == [3, 4] and ctx.any(True) and not ctx.any(False)
