@@ -84,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``e1min`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in FORWARDED:
-        return run_guarded(argv[0], lambda: _forwarded(argv[0])(argv[1:]))
+        from e1min.dist import exit_code_for_launcher
+
+        return exit_code_for_launcher(run_guarded(argv[0], lambda: _forwarded(argv[0])(argv[1:])))
     args = build_parser().parse_args(argv)
     return run_guarded(args.command, args.run, args)
 

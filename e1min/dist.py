@@ -181,6 +181,29 @@ class DistContext:
         self._recent.clear()
 
 
+def exit_code_for_launcher(code: int) -> int:
+    """End a torchrun worker with ``code`` without interpreter finalisation; single process: return it.
+
+    Under torchrun, gloo's threads can outlive ``destroy_process_group()`` (something still references
+    the group) and abort the process during finalisation ("terminate called without an active
+    exception"), turning a finished run or a clean ``DistributedError`` exit 2 into SIGABRT. Everything
+    e1min writes is already flushed and renamed by then, so a worker flushes its streams and logs and
+    leaves with ``os._exit``; the launcher sees the true exit code.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return code
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def replica_checksum(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """(2,) float64 [sum of every parameter element, 0] on the parameters' own device (CUDA under NCCL)."""
     total = torch.cat([p.detach().reshape(-1).double() for p in params]).sum()

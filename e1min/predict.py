@@ -43,7 +43,7 @@ from e1min.data.batching import shard_eval, token_budget_batches
 from e1min.data.collate import collate
 from e1min.data.dataset import Example, make_eval_examples, stitch_predictions
 from e1min.data.fasta import DataError, Record, read_fasta
-from e1min.data.msa import VALIDATION_SAMPLING, ContextProvider, MSASampling, parse_a3m
+from e1min.data.msa import VALIDATION_SAMPLING, ContextProvider, MSASampling
 from e1min.io import check_output_dir, check_output_file, dumps_json
 from e1min.runtime import MATMUL_PRECISIONS, describe, inference_precision, parse_precision, set_matmul_precision
 from e1min.scoring import autocast_context, score_examples, to_device
@@ -470,12 +470,7 @@ def check_msas(provider: ContextProvider, ions: Sequence[str], records: Sequence
     for r in records:
         try:
             for ion in ions:
-                p = provider.find(ion, r.id)
-                if p is None:
-                    continue
-                query = parse_a3m(p)[0].replace("-", "").upper()
-                if query != r.sequence:
-                    raise DataError(f"{p}: first row (query, gaps removed) does not match the sequence of {r.id!r} ({len(query)} vs {len(r.sequence)} residues)")
+                provider.validate(ion, r.id, r.sequence)
         except DataError as e:
             if not skip_invalid:
                 raise DataError(f"{e} (use --skip-invalid to skip such proteins)") from None
@@ -1199,5 +1194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     from e1min.cli import run_guarded
 
+    from e1min.dist import exit_code_for_launcher
+
     args = sys.argv[1:]
-    sys.exit(run_guarded(args[0] if args else "predict", main, args))
+    sys.exit(exit_code_for_launcher(run_guarded(args[0] if args else "predict", main, args)))

@@ -762,5 +762,6 @@ def report_main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from e1min.cli import run_guarded
+    from e1min.dist import exit_code_for_launcher
 
-    sys.exit(run_guarded("train", main, sys.argv[1:]))
+    sys.exit(exit_code_for_launcher(run_guarded("train", main, sys.argv[1:])))
