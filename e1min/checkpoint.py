@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 from e1min import __version__
 from e1min.config import ConfigError, E1Config, show
-from e1min.io import atomic_save_safetensors, atomic_write_json
+from e1min.io import atomic_save_safetensors, atomic_write_json, make_temp_dir
 
 FORMAT_VERSION = 1
 HEADS_FILE = "heads.safetensors"
@@ -52,7 +51,7 @@ def save_state(
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = make_temp_dir(directory.parent, prefix=f".{directory.name}.")
     try:
         backbone = model.backbone
         save_adapter(backbone, tmp, base_model_name_or_path=meta.get("base_model"), revision=meta.get("base_revision"))

@@ -109,6 +109,7 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Te
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, file_mode())  # safetensors recreates the file as 0600
 
 
 def read_json_object(path: str | os.PathLike, error: type[Exception], missing: str = "not found") -> dict[str, Any]:

@@ -66,3 +66,15 @@ def test_output_dir_checks(tmp_path):
     with pytest.raises(OutputError, match="is an input"):
         check_output_dir(tmp_path, [src], names=["in.fasta"])
     assert check_output_dir(tmp_path / "fresh", [src], names=["index.json"]) == tmp_path / "fresh"
+
+
+def test_saved_state_directories_follow_the_umask(tmp_path, umask_022, tiny_model):
+    """A fold state (best/, last/) is readable by collaborators: 0755 directory, 0644 files."""
+    from e1min.checkpoint import save_state
+    from e1min.heads import BindingModel
+    from e1min.lora import apply_lora
+
+    model = BindingModel(apply_lora(tiny_model, r=2, alpha=4), ["ZN"])
+    save_state(tmp_path / "best", model, {"base_model": "x", "ions": ["ZN"]})
+    assert _mode(tmp_path / "best") == 0o755
+    assert {p.name: _mode(p) for p in (tmp_path / "best").iterdir()} == {p.name: 0o644 for p in (tmp_path / "best").iterdir()}
