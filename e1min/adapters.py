@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from e1min.errors import E1minError
 from e1min.lora import DEFAULT_TARGETS, LoRAConfig, LoRAError, apply_lora, find_targets, lora_modules
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -31,7 +32,7 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]
 _HEAD_KEY = re.compile(r"^mlm_head\.(?:modules_to_save\.(?P<adapter>[^.]+)\.)?(?P<param>.+)$")
 
 
-class AdapterError(ValueError):
+class AdapterError(E1minError, ValueError):
     """An adapter directory that cannot be written, read, or does not fit the model."""
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from e1min import __version__
 from e1min.config import ConfigError, E1Config, show
+from e1min.errors import E1minError
 from e1min.io import atomic_save_safetensors, atomic_write_json, make_temp_dir
 
 FORMAT_VERSION = 1
@@ -27,7 +28,7 @@ META_FILE = "checkpoint.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-class RunCheckpointError(ValueError):
+class RunCheckpointError(E1minError, ValueError):
     """A run checkpoint that is missing, incomplete, or from an incompatible e1min format."""
 
 

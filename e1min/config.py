@@ -9,8 +9,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from e1min.errors import E1minError
 
-class ConfigError(ValueError):
+
+class ConfigError(E1minError, ValueError):
     """A config.json that does not describe an E1 model."""
 
 

@@ -17,8 +17,10 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as tdist
 
+from e1min.errors import E1minError
 
-class DistributedError(RuntimeError):
+
+class DistributedError(E1minError, RuntimeError):
     """A collective failed: another rank died, hung, or disagreed."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from e1min.config import ConfigError, E1Config, show
+from e1min.errors import E1minError
 from e1min.model import E1ForMaskedLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -24,7 +25,7 @@ _READ_GROUP_BYTES = 64 * 2**20
 _FLOAT_PREFIXES = ("F", "BF")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(E1minError, ValueError):
     """A checkpoint that cannot be found, read, or does not match the model."""
 
 

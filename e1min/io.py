@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from e1min.errors import E1minError
 
 TMP_SUFFIX = ".tmp"
 
@@ -167,5 +168,13 @@ def _check_parent(path: Path, what: str) -> None:
         raise OutputError(f"{what} {path}: cannot write in {parent}")
 
 
-class OutputError(ValueError):
+class OutputError(E1minError, ValueError):
     """An output path that would overwrite an input, is of the wrong kind, or cannot be written."""
+
+
+def format_duration(seconds: float) -> str:
+    """``1h05m`` / ``3m07s`` for logs and progress lines; ``?`` when unknown (infinite or NaN)."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

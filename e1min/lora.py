@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from e1min.errors import E1minError
+
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")
 MODULE_TYPES: tuple[str, ...] = DEFAULT_TARGETS
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-class LoRAError(ValueError):
+class LoRAError(E1minError, ValueError):
     """A LoRA request that cannot be honoured (unknown target, nothing matched, already applied, ...)."""
 
 

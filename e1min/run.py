@@ -17,17 +17,18 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from e1min.errors import E1minError
 from e1min.io import TMP_SUFFIX
 
 LOCK_FILE = ".e1min.lock"
 STATE_NAMES = ("best", "last")
 
 
-class RunLockError(RuntimeError):
+class RunLockError(E1minError, RuntimeError):
     """Another process writes this run directory (or a dead one left its lock)."""
 
 
-class RunStateError(ValueError):
+class RunStateError(E1minError, ValueError):
     """A run directory in a state this command must not silently overwrite."""
 
 

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from e1min.errors import E1minError
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<bos_glm>", "<eos_span>", "?", "1", "2")
 VOCAB: tuple[str, ...] = SPECIAL_TOKENS + tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))
 TOKEN_TO_ID: dict[str, int] = {tok: i for i, tok in enumerate(VOCAB)}
@@ -31,7 +33,7 @@ for _c in range(ord("A"), ord("Z") + 1):
 _BYTE_TO_ID[ord("?")] = MASK_ID
 
 
-class EncodingError(ValueError):
+class EncodingError(E1minError, ValueError):
     """An input sequence that E1 cannot encode."""
 
 

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from e1min.errors import E1minError
 from e1min.io import atomic_write_text
 
 _BAD_RESIDUE = re.compile(r"[^A-Z]")
@@ -17,7 +18,7 @@ _DIGITS = re.compile(r"[0-9]")
 _BAD_LABEL = re.compile(r"[^01]")
 
 
-class DataError(ValueError):
+class DataError(E1minError, ValueError):
     """Malformed or inconsistent input data; the message names the file, line and record."""
 
 
