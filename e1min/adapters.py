@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from e1min.errors import E1minError
+from e1min.io import atomic_save_safetensors, atomic_write_json, read_json_object
 from e1min.lora import DEFAULT_TARGETS, LoRAConfig, LoRAError, apply_lora, find_targets, lora_modules
+from e1min.weights import CheckpointError, resolve_directory
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -89,8 +91,6 @@ def save_adapter(
 
     ``base_model_name_or_path`` / ``revision`` default to what ``load_model`` recorded on the model.
     """
-    from e1min.io import atomic_save_safetensors, atomic_write_json
-
     config = getattr(model, "lora_config", None)
     tensors = adapter_tensors(model)
     if config is None:
@@ -111,8 +111,6 @@ def save_adapter(
 
 
 def _resolve(directory: str | os.PathLike) -> Path:
-    from e1min.hub import CheckpointError, resolve_directory
-
     try:
         return resolve_directory(directory, None, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME], what="adapter")
     except CheckpointError as e:
@@ -121,8 +119,6 @@ def _resolve(directory: str | os.PathLike) -> Path:
 
 def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
     """Parse and check ``adapter_config.json``; every PEFT feature e1min does not implement is an error."""
-    from e1min.io import read_json_object
-
     path = Path(directory) / ADAPTER_CONFIG_NAME
     raw = read_json_object(path, AdapterError)
     problems = []

@@ -1,4 +1,4 @@
-"""Find and load an E1 checkpoint: a local directory or a Hugging Face Hub repo id.
+"""E1 weights: find a checkpoint (local directory or Hugging Face Hub repo id), load, save, or make random ones.
 
 Loading builds the model on the meta device and fills it tensor by tensor (``assign=True``), so no
 second full copy of the weights ever exists; the file is re-opened per group of tensors so the
@@ -15,6 +15,7 @@ import torch
 
 from e1min.config import ConfigError, E1Config, show
 from e1min.errors import E1minError
+from e1min.io import atomic_save_safetensors, atomic_write_json
 from e1min.model import E1ForMaskedLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -214,12 +215,11 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     revision: str | None = None,
-    adapter: str | os.PathLike | None = None,
 ) -> E1ForMaskedLM:
     """Load E1 (``Profluent-Bio/E1-150m``, a re-packaging, or a local directory) in eval mode.
 
     ``dtype`` defaults to the checkpoint's stored dtype (bf16 for the released models); ``device`` to CPU.
-    ``adapter``: a directory with a LoRA adapter (PEFT layout) to apply on top.
+    To apply a LoRA adapter on top, use ``e1min.load_model(..., adapter=...)`` or ``e1min.adapters.load_adapter``.
     """
     directory = resolve_checkpoint(name_or_path, revision)
     try:
@@ -238,10 +238,6 @@ def load_model(
     model.eval()
     model.name_or_path = str(name_or_path)  # recorded in adapters and run checkpoints
     model.revision = revision
-    if adapter is not None:
-        from e1min.adapters import load_adapter
-
-        load_adapter(model, adapter)
     return model
 
 
@@ -258,8 +254,6 @@ def _stored_dtype(config: E1Config, path: Path) -> torch.dtype | None:
 
 def save_model(model: E1ForMaskedLM, directory: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
     """Write ``config.json`` + ``model.safetensors`` (or shards + index) in the released layout."""
-    from e1min.io import atomic_save_safetensors, atomic_write_json
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -286,3 +280,40 @@ def save_model(model: E1ForMaskedLM, directory: str | os.PathLike, max_shard_byt
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in state.values())
     atomic_write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+# --------------------------------------------------------------------------------- random weights
+
+
+def random_model(config: E1Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> E1ForMaskedLM:
+    """An E1ForMaskedLM with seeded random weights (norm weights perturbed away from 1), eval mode.
+
+    For tests, demos and benchmarks.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model = E1ForMaskedLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                bound = 1.0 / p.shape[1] ** 0.5
+                if "embed" in name:
+                    bound = 1.0
+                p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    return model.to(dtype).eval()
+
+
+def write_random_checkpoint(
+    directory: str | os.PathLike,
+    config: E1Config,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int | None = None,
+) -> E1ForMaskedLM:
+    """Write config.json + model.safetensors (sharded when ``max_shard_bytes``) and return the model."""
+    model = random_model(config, seed, dtype)
+    save_model(model, directory, max_shard_bytes=max_shard_bytes)
+    return model

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ USER_ERRORS = [
     ("e1min.data.fasta", "DataError", ValueError),
     ("e1min.tokenizer", "EncodingError", ValueError),
     ("e1min.config", "ConfigError", ValueError),
-    ("e1min.hub", "CheckpointError", ValueError),
+    ("e1min.weights", "CheckpointError", ValueError),
     ("e1min.adapters", "AdapterError", ValueError),
     ("e1min.lora", "LoRAError", ValueError),
     ("e1min.checkpoint", "RunCheckpointError", ValueError),
@@ -36,7 +37,7 @@ def test_errors_module_imports_nothing_from_e1min():
 
     import e1min.errors as m
 
-    tree = ast.parse(open(m.__file__, encoding="utf-8").read())
+    tree = ast.parse(Path(m.__file__).read_text(encoding="utf-8"))
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [name for name in imported if name.split(".")[0] == "e1min"]

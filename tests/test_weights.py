@@ -1,15 +1,26 @@
-"""Checkpoint loading: round trips, sharding, bf16, offline Hub cache, and every bad-checkpoint error."""
+"""Checkpoint loading: round trips, sharding, bf16, offline Hub cache, and every bad-checkpoint error.
 
+Also: the old import paths (``e1min.hub``, ``e1min.random_checkpoint``) still work, and every e1min
+module imports on its own in a fresh interpreter (no import cycle).
+"""
+
+import ast
+import importlib.util
 import json
+import os
+import pkgutil
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from e1min.hub import CheckpointError, load_model
-from e1min.random_checkpoint import write_random_checkpoint
+import e1min
 from e1min.tokenizer import prepare_batch
+from e1min.weights import CheckpointError, load_model, write_random_checkpoint
 
 ROWS = ["ACDEFG,MKTAYIAKQR", "MKV"]
 
@@ -247,3 +258,83 @@ def test_bad_index(tmp_path, tiny_config):
     index.write_text(json.dumps({"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}))
     with pytest.raises(CheckpointError, match=r"index\.json: 'weight_map' must be an object tensor name -> shard file name"):
         load_model(tmp_path)
+
+
+def test_old_import_paths_still_work():
+    import e1min.hub as hub
+    import e1min.random_checkpoint as rc
+    import e1min.weights as w
+
+    for name in ("CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "CheckpointError", "load_state_dict", "normalize_key",
+                 "resolve_checkpoint", "resolve_directory", "save_model", "weight_files"):
+        assert getattr(hub, name) is getattr(w, name), name
+    assert rc.random_model is w.random_model and rc.write_random_checkpoint is w.write_random_checkpoint
+    assert e1min.load_model is hub.load_model  # the public one also takes adapter=
+
+
+def test_hub_load_model_applies_adapter(tmp_path, tiny_checkpoint):
+    from e1min.adapters import save_adapter
+    from e1min.hub import load_model as load_with_adapter
+    from e1min.lora import apply_lora, lora_modules, lora_state_dict
+
+    model = apply_lora(load_model(tiny_checkpoint, dtype=torch.float32), r=2, alpha=4)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.fill_(0.01)
+    save_adapter(model, tmp_path / "a")
+    loaded = load_with_adapter(tiny_checkpoint, dtype=torch.float32, adapter=tmp_path / "a")
+    want, got = lora_state_dict(model), lora_state_dict(loaded)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert not lora_modules(load_model(tiny_checkpoint))  # weights.load_model: base only
+
+
+def _e1min_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.walk_packages(e1min.__path__, "e1min."))
+
+
+def _imported_e1min_modules(module: str) -> set[str]:
+    """Every e1min module ``module`` imports, at the top or inside a function."""
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m.startswith("e1min.")}
+
+
+def test_weights_does_not_import_adapters_or_hub():
+    assert not _imported_e1min_modules("e1min.weights") & {"e1min.adapters", "e1min.hub", "e1min.random_checkpoint"}
+
+
+# Runs in one subprocess: third-party packages are imported once, then each e1min module is imported in
+# a forked child that has no e1min module loaded yet (what matters for import cycles).
+_IMPORT_EACH = """
+import os, sys, traceback
+import numpy, torch, safetensors.torch, yaml  # third-party only: forked children start without e1min
+assert not [m for m in sys.modules if m == "e1min" or m.startswith("e1min.")]
+failed = 0
+for module in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            __import__(module)
+        except BaseException:
+            print(module + ": " + traceback.format_exc().strip().splitlines()[-1], flush=True)
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    failed += status != 0
+sys.exit(1 if failed else 0)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    modules = _e1min_modules()
+    assert {"e1min.weights", "e1min.hub", "e1min.adapters", "e1min.lora", "e1min.data.fasta"} <= set(modules)
+    out = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *modules], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
