@@ -1,6 +1,7 @@
-"""Score examples with a BindingModel: unmasked inputs, token-budget batches, one probability per residue.
+"""Examples -> per-residue outputs: unmasked inputs, token-budget batches, windows stitched, ranks gathered.
 
-Shared by validation (trainer) and prediction so both score residues the same way.
+The one path shared by validation (trainer) and prediction (predictor), so both score every residue the
+same way: ``score_records`` (probabilities per protein) and ``iter_embedded`` (hidden states).
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from e1min.data.batching import token_budget_batches
+from e1min.data.batching import shard_eval, token_budget_batches
 from e1min.data.collate import collate
-from e1min.data.dataset import Example
+from e1min.data.dataset import Example, stitch_predictions
+from e1min.dist import DistContext
 from e1min.runtime import autocast, bf16_is_fast, cpu_has_native_bf16, parse_precision
 
-__all__ = ["cpu_has_native_bf16", "use_bf16", "autocast_context", "to_device", "iter_scored", "score_examples"]
+__all__ = ["cpu_has_native_bf16", "use_bf16", "autocast_context", "to_device", "iter_scored", "score_examples", "score_records",
+           "iter_embedded"]
 
 
 def use_bf16(device: torch.device, requested: bool) -> bool:
@@ -82,3 +85,46 @@ def score_examples(
     for i, p in iter_scored(model, examples, ion, device, max_tokens, precision):
         out[i] = p
     return out  # type: ignore[return-value]
+
+
+def score_records(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    ion: str,
+    device: torch.device,
+    max_tokens: int,
+    precision: str | bool = "float32",
+    ctx: DistContext | None = None,
+) -> dict[str, np.ndarray]:
+    """{protein id: float32 probability per residue}: every residue scored exactly once, windows stitched.
+
+    With a distributed ``ctx`` each rank scores a strided share of the examples and every rank receives
+    all results (one gather), so all ranks compute the same validation metrics.
+    """
+    if ctx is None or not ctx.distributed:
+        return stitch_predictions(examples, score_examples(model, examples, ion, device, max_tokens, precision))
+    mine = shard_eval(list(range(len(examples))), ctx.rank, ctx.world_size)
+    rows = [torch.zeros(0, 3, dtype=torch.float64)]
+    for j, p in iter_scored(model, [examples[i] for i in mine], ion, device, max_tokens, precision):
+        pos = torch.arange(len(p), dtype=torch.float64)
+        rows.append(torch.stack([torch.full_like(pos, mine[j]), pos, torch.from_numpy(p).double()], 1))
+    gathered = ctx.gather_cat(torch.cat(rows), f"scores:{ion}").numpy()
+    gathered = gathered[np.lexsort((gathered[:, 1], gathered[:, 0]))]
+    index = gathered[:, 0].astype(np.int64)
+    starts = np.searchsorted(index, np.arange(len(examples) + 1))
+    preds = [gathered[starts[i] : starts[i + 1], 2].astype(np.float32) for i in range(len(examples))]
+    return stitch_predictions(examples, preds)
+
+
+def iter_embedded(
+    backbone: torch.nn.Module, examples: Sequence[Example], device: torch.device, max_tokens: int, precision: str | bool = "float32"
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(example index, final-norm hidden states of its query residues, float32 on CPU) in token-budget batches."""
+    lengths = [ex.num_tokens for ex in examples]
+    with torch.inference_mode(), autocast(device, _precision(precision)):
+        for idx in token_budget_batches(lengths, max_tokens, seed=None):
+            batch = to_device(collate([examples[i] for i in idx], masking=None, seed=0, epoch=0), device)
+            emb = backbone.model(batch["input_ids"], batch["within_seq_position_ids"], batch["global_position_ids"], batch["sequence_ids"])
+            q = batch["query_residue_mask"]
+            for row, i in enumerate(idx):
+                yield i, emb[row][q[row]].float().cpu()

@@ -495,7 +495,7 @@ def test_msa_query_mismatch_is_checked_up_front(run_dir, tmp_path):
     (msa / "p1.a3m").write_text(">p1\nACDEFG\n>hom\nACDEFA\n")
     fasta = _fasta(tmp_path, ">p1\nACDEFGH\n>p2\nMKV\n")
     args = ["--checkpoint", str(run_dir), "--fasta", str(fasta), "--msa-dir", str(msa), "--out", str(tmp_path / "p.tsv")]
-    with pytest.raises(DataError, match="p1.a3m: first row"):
+    with pytest.raises(DataError, match="p1.a3m:1: record .p1.: first row"):
         predict_main(args)
     assert predict_main(args + ["--skip-invalid", "--quiet"]) == 0
     assert {r["id"] for r in _read_tsv(tmp_path / "p.tsv")} == {"p2"}
@@ -555,7 +555,7 @@ def test_predict_never_overwrites_its_input(run_dir, query_fasta):
 
 
 def test_output_paths_are_checked_before_any_work(run_dir, query_fasta, tmp_path, monkeypatch):
-    import e1min.predict as P
+    import e1min.predictor as P
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the output path was checked")

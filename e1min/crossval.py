@@ -1,0 +1,185 @@
+"""K-fold cross-validation of one run directory: data and folds, the fold loop, the run's report.
+
+    e1min train --config configs/demo.yaml [--set training.epochs=3] [--folds 1,3] [--resume | --restart-fold]
+    torchrun --nproc_per_node=4 -m e1min.train --config configs/e1_binding.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from e1min.checkpoint import state_dir
+from e1min.data.dataset import ion_stats, load_ion_records
+from e1min.data.fasta import DataError, Record
+from e1min.data.folds import assign_folds, check_assignment, load_folds, save_folds
+from e1min.data.msa import ContextProvider, MSASampling
+from e1min.dist import DistContext, init_distributed
+from e1min.io import atomic_write_json, atomic_write_text
+from e1min.report import report_run
+from e1min.run import STATE_NAMES, RunDir, RunLock, RunLockError, RunStateError, remove_temporaries
+from e1min.runtime import set_matmul_precision, training_precision
+from e1min.train_config import dump_config
+from e1min.trainer import FoldTrainer, RunData
+
+log = logging.getLogger("e1min")
+
+
+def prepare_run(cfg: dict, ctx: DistContext, out: Path) -> RunData:
+    """Load records, assign (or reuse) folds, write config.yaml / folds.json / data_stats.json."""
+    d, t, g = cfg["data"], cfg["training"], cfg["general"]
+    records = load_ion_records(d["fasta_path"], t["ions"], d["fasta_pattern"])
+    folds_file = out / "folds.json"
+    fold_meta = {"num_folds": t["num_folds"], "seed": g["seed"], "ions": list(t["ions"]), "data": data_fingerprint(records)}
+    if folds_file.exists():
+        assignment, saved = load_folds(folds_file)
+        check_fold_meta(folds_file, saved, fold_meta)
+        problems = check_assignment(assignment, records)
+        if problems:
+            raise DataError(f"{folds_file}: does not match the data ({'; '.join(problems[:5])}); use a new output_dir")
+        log.info("reusing fold assignment from %s", folds_file)
+    else:
+        assignment = assign_folds(records, t["num_folds"], g["seed"])
+    stats = {ion: ion_stats(recs) for ion, recs in records.items()}
+    if ctx.is_main:
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        if not folds_file.exists():
+            save_folds(folds_file, assignment, fold_meta)
+        fold_sizes = {str(k + 1): sum(1 for f in assignment.values() if f == k) for k in range(t["num_folds"])}
+        atomic_write_json(out / "data_stats.json", {"ions": stats, "fold_sizes": fold_sizes})
+        for ion, s in stats.items():
+            log.info(
+                "%s: %d proteins (%d labelled), %d residues, positive rate %.4f",
+                ion, s["proteins"], s["labelled_proteins"], s["residues"], s["positive_rate"],
+            )
+    ctx.barrier("prepare_run")
+    provider = ContextProvider(d["msa_dir"]) if d["msa_dir"] else None
+    return RunData(
+        records=records,
+        assignment=assignment,
+        provider=provider,
+        train_sampling=MSASampling.from_dict({**MSASampling().__dict__, **t["msa_sampling"]}),
+        val_sampling=MSASampling.from_dict({**MSASampling(128, 12288).__dict__, **t["validation_msa_sampling"]}),
+    )
+
+
+def data_fingerprint(records: dict[str, list[Record]]) -> dict[str, Any]:
+    """What a fold assignment was built from: per ion the protein count, and a hash of (id, length)."""
+    out = {}
+    for ion, recs in sorted(records.items()):
+        h = hashlib.sha256()
+        for r in sorted(recs, key=lambda r: r.id):
+            h.update(f"{r.id}\t{len(r.sequence)}\n".encode())
+        out[ion] = {"proteins": len(recs), "sha256": h.hexdigest()[:16]}
+    return out
+
+
+def check_fold_meta(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    """A reused folds.json must describe this run: same num_folds, seed, ions and data, else DataError."""
+    for key, want in expected.items():
+        if key not in saved:
+            continue  # written by an older e1min that did not record it; the assignment check still runs
+        have = saved[key]
+        if key == "data":
+            changed = sorted(ion for ion in set(have) | set(want) if have.get(ion) != want.get(ion))
+            if changed:
+                detail = "; ".join(f"{ion}: {have.get(ion)} there, {want.get(ion)} now" for ion in changed[:3])
+                raise DataError(f"{path}: built from other data ({detail}); use a new training.output_dir for new data")
+        elif have != want:
+            raise DataError(f"{path}: {key} is {have!r} there but {want!r} in the config; use a new training.output_dir "
+                            f"(or set {key} back to {have!r} to continue this run)")
+
+
+def run_cross_validation(cfg: dict, ctx: DistContext, resume: bool = False, restart_folds: bool = False) -> dict[str, Any] | None:
+    """Train every requested fold (skipping completed ones), then summarise. Returns the summary (rank 0).
+
+    A fold with a partial state (``fold_K/last`` or ``best`` without ``fold_result.json``) continues only
+    with ``resume`` and starts over only with ``restart_folds``; otherwise this refuses, naming the fold.
+    """
+    t = cfg["training"]
+    run = RunDir(Path(t["output_dir"]))
+    run.root.mkdir(parents=True, exist_ok=True)
+    data = prepare_run(cfg, ctx, run.root)
+    folds = [f - 1 for f in (t["folds"] or range(1, t["num_folds"] + 1))]
+    for fold in folds:
+        k = fold + 1
+        if run.fold_result(k).exists():
+            log.info("fold %d already complete: skipped (delete %s to retrain)", k, run.fold(k))
+            continue
+        partial = ctx.is_main and any(state_dir(run.state(k, w)) is not None for w in STATE_NAMES)
+        if ctx.any(partial, "partial_fold") and not resume:
+            if not restart_folds:
+                raise RunStateError(f"{run.fold(k)}: holds an unfinished fold {k}; rerun with --resume to continue it "
+                                    f"or with --restart-fold to train it from scratch")
+            if ctx.is_main:
+                log.info("fold %d: --restart-fold: removing its previous state", k)
+                shutil.rmtree(run.fold(k))
+            ctx.barrier("restart_fold")
+        FoldTrainer(cfg, ctx, data, fold, run.root).run(resume)
+    if data.provider is not None and data.provider.missing and ctx.is_main:
+        log.info("%d proteins had no MSA and ran single-sequence", len(data.provider.missing))
+    summary = None
+    if ctx.is_main:
+        summary = report_run(run.root, cfg, only_missing_plots=True)
+        if summary:
+            log.info("\n%s", (run.root / "summary.md").read_text())
+    ctx.barrier("run_end")
+    return summary
+
+
+def train_run(cfg: dict, notes: list[str] = (), label: str = "", resume: bool = False, restart_folds: bool = False) -> dict[str, Any] | None:
+    """``e1min train`` after argument parsing: join the process group, lock the run directory, log, run.
+
+    Rank 0 locks ``output_dir`` before anything (even ``training.log``) is written; every rank agrees on
+    the outcome, so a refused lock stops all of them with the same error.
+    """
+    if resume and restart_folds:
+        raise RunStateError("--resume and --restart-fold exclude each other")
+    set_matmul_precision(cfg["model"]["matmul_precision"])
+    ctx = init_distributed(cfg["general"]["dist_timeout_seconds"], cfg["general"]["device"])
+    out = Path(cfg["training"]["output_dir"])
+    lock = RunLock(out)
+    try:
+        error, removed = None, []
+        if ctx.is_main:
+            try:
+                lock.acquire()
+                removed = remove_temporaries(out)
+            except RunLockError as e:
+                error = e
+        if ctx.any(error is not None, "run_lock"):
+            raise error or RunLockError(f"{out}: rank 0 could not lock the run directory")
+        setup_logging(out, ctx.is_main)
+        for n in notes:
+            log.info(n)
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted save, e.g. %s", len(removed), removed[0])
+        log.info("e1min train: %s, %d process(es) on %s, precision %s, float32 matmul precision %s", label, ctx.world_size,
+                 ctx.device, training_precision(ctx.device, cfg["training"]["bf16"]), cfg["model"]["matmul_precision"])
+        return run_cross_validation(cfg, ctx, resume=resume, restart_folds=restart_folds)
+    finally:
+        lock.release()
+        ctx.destroy()
+
+
+def setup_logging(out: Path, is_main: bool) -> None:
+    """Console (rank 0) + the run's training.log; called when a run starts, never at import."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    if not is_main:
+        log.addHandler(logging.NullHandler())
+        return
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    out.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(out / "training.log")
+    fh.setFormatter(fmt)
+    log.addHandler(fh)

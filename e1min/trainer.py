@@ -1,0 +1,388 @@
+"""One fold's training: model and optimiser, the schedule, one optimiser step's forward/backward, the epoch loop.
+
+Per fold: a fresh E1 + LoRA + ion heads, trained on the other folds with one backbone forward per
+batch (ion-head BCE + MLM through E1's own head), validated after every epoch on the held-out fold,
+early-stopped on the selection metric. Every cross-process operation goes through ``e1min.dist``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from e1min import metrics
+from e1min.checkpoint import load_state, save_state, state_dir
+from e1min.data.batching import fixed_size_batches, interleave, padding_fraction, shard, token_budget_batches
+from e1min.data.collate import MaskingConfig, collate
+from e1min.data.dataset import Example, make_eval_examples, make_train_examples, pos_weight
+from e1min.data.fasta import Record
+from e1min.data.folds import split
+from e1min.data.msa import ContextProvider, MSASampling
+from e1min.data.seeding import stable_seed
+from e1min.dist import DistContext
+from e1min.heads import BindingModel, joint_loss, loss_sums
+from e1min.hub import load_model
+from e1min.io import atomic_write_json, atomic_write_text, dumps_json, format_duration
+from e1min.lora import apply_lora
+from e1min.report import write_oof, write_plots
+from e1min.runtime import autocast, describe, training_precision
+from e1min.scoring import _precision, score_records, to_device
+
+log = logging.getLogger("e1min")
+
+
+@dataclass
+class RunData:
+    records: dict[str, list[Record]]
+    assignment: dict[str, int]
+    provider: ContextProvider | None
+    train_sampling: MSASampling
+    val_sampling: MSASampling
+
+
+def build_model(cfg: dict, ctx: DistContext) -> BindingModel:
+    """Base E1 (frozen, in the configured dtype) + LoRA + float32 ion heads on this rank's device."""
+
+    m, lo = cfg["model"], cfg["lora"]
+    backbone = load_model(m["checkpoint"], dtype=getattr(torch, m["dtype"]), device=ctx.device, revision=m["revision"])
+    torch.manual_seed(cfg["general"]["seed"])  # identical LoRA init on every rank (also broadcast below)
+    apply_lora(
+        backbone, r=lo["r"], alpha=lo["alpha"], dropout=lo["lora_dropout"], target_modules=tuple(lo["target_modules"]),
+        layers=lo["layers"], use_rslora=lo["use_rslora"], train_mlm_head=lo["train_mlm_head"],
+    )
+    backbone.set_gradient_checkpointing(m["gradient_checkpointing"])
+    model = BindingModel(backbone, list(cfg["training"]["ions"]), head_dropout=m["dropout"])
+    model.heads.to(ctx.device)
+    return model
+
+
+def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW on trainable parameters; no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in trainable(model):
+        (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up from lr/warmup to lr, then cosine decay to min_lr (per optimiser step)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_plan(cfg: dict, data: RunData, train: dict[str, list[Record]], epoch: int) -> list[tuple[str, list[Example]]]:
+    """Every ion's training batches for one epoch, interleaved in a shuffled order (same on every rank)."""
+    d, t, seed = cfg["data"], cfg["training"], cfg["general"]["seed"]
+    batches_by_ion, examples_by_ion = {}, {}
+    for ion, recs in train.items():
+        examples = make_train_examples(
+            recs, ion, data.provider, data.train_sampling, seed, epoch, d["max_query_length"], d["max_example_tokens"]
+        )
+        lengths = [ex.num_tokens for ex in examples]
+        ion_seed = stable_seed(seed, epoch, ion, "batches")
+        if t["max_tokens_per_batch"]:
+            batches_by_ion[ion] = token_budget_batches(lengths, t["max_tokens_per_batch"], seed=ion_seed)
+        else:
+            batches_by_ion[ion] = fixed_size_batches(lengths, t["batch_size"], seed=ion_seed)
+        examples_by_ion[ion] = examples
+    plan = interleave(batches_by_ion, stable_seed(seed, epoch, "interleave"))
+    return [(ion, [examples_by_ion[ion][i] for i in idx]) for ion, idx in plan]
+
+
+def plan_padding(plan: Sequence[tuple[str, list[Example]]]) -> float:
+    lengths = [ex.num_tokens for _, exs in plan for ex in exs]
+    batches, i = [], 0
+    for _, exs in plan:
+        batches.append(list(range(i, i + len(exs))))
+        i += len(exs)
+    return padding_fraction(batches, lengths)
+
+
+@dataclass
+class LossSpec:
+    pos_weight: dict[str, float]
+    mlm_weight: float
+    focal_gamma: float = 0.0
+    use_mlm: bool = True
+
+
+def backward_window(
+    model: BindingModel,
+    batches: Sequence[tuple[dict, str] | None],
+    ctx: DistContext,
+    spec: LossSpec,
+    precision: str | bool = "float32",
+    *,
+    bf16: bool | None = None,
+    seeds: Sequence[int | None] | None = None,
+) -> torch.Tensor:
+    """Forward + backward every micro-batch of one optimiser step (this rank's share of it).
+
+    Both loss terms are divided by the step's *global* token counts (all micro-batches, all ranks,
+    all-reduced before any backward), so the summed gradients equal the big-batch gradient.
+    ``None`` entries are empty steps (a rank short of batches). Returns detached per-ion statistics
+    (n_ions, 4): BCE sum, BCE tokens, MLM sum, MLM tokens. ``precision`` ``"bf16"`` autocasts the
+    backbone only: heads and both loss terms are float32 (a bool is read as the old ``bf16`` flag).
+    ``seeds``: one RNG seed per entry of ``batches``, set before its forward, so dropout depends on the
+    global micro-batch and not on which rank runs it (world-size invariance).
+    """
+    precision = _precision(bf16 if bf16 is not None else precision)
+    real = [b for b in batches if b is not None]
+    local = [sum(int(b["binding_mask"].sum()) for b, _ in real), sum(int((b["mlm_labels"] != -100).sum()) for b, _ in real)]
+    bce_tokens, mlm_tokens = ctx.sum_ints(local, "token_counts")
+    ions = model.ions
+    stats = torch.zeros(len(ions), 4, dtype=torch.float64, device=ctx.device)
+    seeds = list(seeds) if seeds is not None else [None] * len(batches)
+    for item, seed in zip(batches, seeds):
+        if item is None:
+            continue
+        batch, ion = item
+        if seed is not None:
+            torch.manual_seed(seed)
+        batch = to_device(batch, ctx.device)
+        mlm_pos = batch["mlm_labels"] != -100 if spec.use_mlm else None
+        with autocast(ctx.device, precision):
+            out = model(batch, ion, mlm_pos)
+        terms = loss_sums(out, batch, spec.pos_weight.get(ion, 1.0), spec.focal_gamma)
+        loss = joint_loss(terms, bce_tokens, mlm_tokens, spec.mlm_weight)
+        loss.backward()
+        i = ions.index(ion)
+        stats[i] += torch.stack([terms.bce_sum.detach().double(), torch.tensor(float(terms.bce_tokens), device=ctx.device, dtype=torch.float64),
+                                 terms.mlm_sum.detach().double(), torch.tensor(float(terms.mlm_tokens), device=ctx.device, dtype=torch.float64)])
+    return stats.cpu()
+
+
+def optimizer_step(
+    params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, ctx: DistContext, max_grad_norm: float | None, lr: float
+) -> int:
+    """Sum gradients over ranks (one flat all-reduce), clip, step, clear. Returns bytes all-reduced per rank."""
+    comm = ctx.sync_gradients(params)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return comm
+
+
+@dataclass
+class FoldState:
+    epoch: int = 0  # next epoch to run
+    step: int = 0  # optimiser steps taken
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FoldTrainer:
+    """Trains and validates one fold; owns the model, optimiser and the fold's output directory."""
+
+    def __init__(self, cfg: dict, ctx: DistContext, data: RunData, fold: int, out: Path):
+        self.cfg, self.ctx, self.data, self.fold = cfg, ctx, data, fold  # fold is 0-based
+        self.dir = out / f"fold_{fold + 1}"
+        t = cfg["training"]
+        self.ions = list(t["ions"])
+        split_by_ion = {ion: split(recs, data.assignment, fold) for ion, recs in data.records.items()}
+        self.train_records = {ion: s[0] for ion, s in split_by_ion.items()}
+        self.val_records = {ion: [r for r in s[1] if r.labels is not None] for ion, s in split_by_ion.items()}
+        self.pos_weight = {ion: pos_weight(recs, t["pos_weight_mode"]) for ion, recs in self.train_records.items()}
+        self.model = build_model(cfg, ctx)
+        self.params = [p for _, p in trainable(self.model)]
+        ctx.broadcast_parameters(self.params)
+        self.optimizer = build_optimizer(self.model, t["learning_rate"], t["weight_decay"])
+        self.masking = MaskingConfig(probability=t["mlm_probability"], mask_context=t["mask_context"]) if t["mlm_weight"] > 0 and t["mlm_probability"] > 0 else None
+        self.precision = training_precision(ctx.device, t["bf16"])
+        self.loss_spec = LossSpec(self.pos_weight, t["mlm_weight"], t["focal_gamma"], self.masking is not None)
+        self.state = FoldState()
+        self._last_val: dict[str, Any] | None = None
+        self.val_examples = {
+            ion: make_eval_examples(
+                recs, ion, data.provider, data.val_sampling, cfg["general"]["seed"], cfg["data"]["max_query_length"], cfg["data"]["max_example_tokens"]
+            )
+            for ion, recs in self.val_records.items()
+        }
+        steps_per_epoch = math.ceil(math.ceil(len(epoch_plan(cfg, data, self.train_records, 0)) / ctx.world_size) / t["accum_steps"])
+        self.total_steps = steps_per_epoch * t["epochs"]
+        self.warmup_steps = max(1, round(steps_per_epoch * t["warmup_epochs"]))
+        self.comm_bytes = 0
+
+    @property
+    def bf16(self) -> bool:
+        """Whether this fold trains under bf16 autocast (kept for callers of the old attribute)."""
+        return self.precision == "bf16"
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, resume: bool) -> dict[str, Any]:
+        t = self.cfg["training"]
+        if resume and state_dir(self.dir / "last") is not None:
+            meta = load_state(self.dir / "last", self.model, self.optimizer)
+            self.state = FoldState(**meta["trainer_state"])
+            if self.state.best_metric is None:  # strict JSON wrote -inf (nothing selected yet) as null
+                self.state.best_metric = -math.inf
+            log.info("fold %d: resumed from %s at epoch %d", self.fold + 1, self.dir / "last", self.state.epoch + 1)
+        while self.state.epoch < t["epochs"]:
+            epoch = self.state.epoch
+            train_stats = self.train_epoch(epoch)
+            val = self.validate()
+            self.end_epoch(epoch, train_stats, val)
+            if self.ctx.any(self.state.bad_epochs >= t["early_stop_patience"], "early_stop"):
+                log.info("fold %d: early stop after epoch %d (best epoch %d)", self.fold + 1, epoch + 1, self.state.best_epoch + 1)
+                break
+        result = {"fold": self.fold + 1, "best_epoch": self.state.best_epoch + 1, "best_metric": self.state.best_metric,
+                  "selection_metric": t["selection_metric"], "complete": True}
+        if self.state.best_epoch < 0:
+            # The selection metric was undefined (NaN) at every epoch: no positive residue in the held-out
+            # fold, or an empty one. Keep the last epoch as best/ so the fold stays loadable, and say so.
+            log.warning("fold %d: %s undefined at every epoch (no positive residue in the validation fold?); "
+                        "best/ holds the last epoch", self.fold + 1, t["selection_metric"])
+            result.update(best_epoch=None, best_metric=None, selection="last epoch: selection metric undefined at every epoch")
+            if self.ctx.is_main and self._last_val is not None:
+                save_state(self.dir / "best", self.model, self.meta({ion: v["metrics"] for ion, v in self._last_val.items()}))
+                write_oof(self.dir / "oof_predictions.tsv", self.val_records, {ion: v["probs"] for ion, v in self._last_val.items()})
+        if self.ctx.is_main:
+            atomic_write_json(self.dir / "fold_result.json", result)
+            write_plots(self.dir.parent / "plots", self.fold + 1, self.state.history, self.ions)
+        self.ctx.barrier("fold_end")
+        return result
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, ctx, t = self.cfg, self.ctx, self.cfg["training"]
+        plan = epoch_plan(cfg, self.data, self.train_records, epoch)
+        mine = shard(plan, ctx.rank, ctx.world_size)
+        n_windows = ctx.max_int(math.ceil(len(mine) / t["accum_steps"]), "steps_per_epoch")
+        self.model.train()
+        stats = torch.zeros(len(self.ions), 4, dtype=torch.float64)  # per ion: bce sum, bce tokens, mlm sum, mlm tokens
+        tokens, t0 = 0, time.time()
+        for w in range(n_windows):
+            window = mine[w * t["accum_steps"] : (w + 1) * t["accum_steps"]]
+            batches = [self.collate_train(item, epoch) for item in window]
+            # Dropout RNG per global micro-batch (shard() deals plan entry j * world + rank to this rank's
+            # j-th slot): NGPU=2 with accum 1 draws what one process with accum 2 draws, and a resumed
+            # run draws what an uninterrupted one would.
+            seeds = [stable_seed(cfg["general"]["seed"], self.fold, epoch, "dropout", (w * t["accum_steps"] + j) * ctx.world_size + ctx.rank)
+                     for j in range(len(window))]
+            tokens += sum(int((b["sequence_ids"] >= 0).sum()) for b, _ in filter(None, batches))
+            stats += backward_window(self.model, batches, ctx, self.loss_spec, self.precision, seeds=seeds)
+            self.optimizer_step()
+            if cfg["general"]["check_replicas_every"] and self.state.step % cfg["general"]["check_replicas_every"] == 0:
+                ctx.check_replicas(self.params, self.state.step)
+            if ctx.is_main and ((w + 1) % cfg["general"]["log_every"] == 0 or w + 1 == n_windows):
+                elapsed = time.time() - t0
+                s = stats.sum(0)
+                log.info(
+                    "fold %d epoch %d/%d step %d/%d | bce %.4f mlm %.4f (rank 0) | lr %.2e | %.0f tok/s | ETA %s",
+                    self.fold + 1, epoch + 1, t["epochs"], w + 1, n_windows, s[0] / max(1.0, s[1]), s[2] / max(1.0, s[3]),
+                    self.optimizer.param_groups[0]["lr"], tokens * ctx.world_size / max(elapsed, 1e-9),
+                    format_duration(elapsed / (w + 1) * (n_windows - w - 1)),
+                )
+        ctx.all_reduce(stats, "sum", "train_loss_stats")
+        return {
+            "train_bce": {ion: float(stats[i, 0] / max(1.0, float(stats[i, 1]))) for i, ion in enumerate(self.ions)},
+            "train_mlm": float(stats[:, 2].sum() / max(1.0, float(stats[:, 3].sum()))),
+            "padding_fraction": plan_padding(plan),
+            "seconds": time.time() - t0,
+            "comm_bytes_per_step": self.comm_bytes,
+        }
+
+    def collate_train(self, item: tuple[str, list[Example]] | None, epoch: int) -> tuple[dict, str] | None:
+        if item is None:
+            return None  # this rank has fewer batches: an empty step that still joins the all-reduce
+        ion, examples = item
+        t = self.cfg["training"]
+        batch = collate(examples, masking=self.masking, seed=self.cfg["general"]["seed"], epoch=epoch, label_smoothing=t["label_smoothing"])
+        return batch, ion
+
+    def optimizer_step(self) -> None:
+        t = self.cfg["training"]
+        lr = lr_at(self.state.step, self.total_steps, self.warmup_steps, t["learning_rate"], t["min_lr"])
+        self.comm_bytes = optimizer_step(self.params, self.optimizer, self.ctx, t["max_grad_norm"], lr)
+        self.state.step += 1
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> dict[str, dict[str, Any]]:
+        """Per-ion metrics over every validation residue (all ranks compute the same numbers)."""
+        out = {}
+        for ion in self.ions:
+            probs = predict_records(self.model, self.val_records[ion], self.val_examples[ion], ion, self.ctx,
+                                    self.cfg["training"]["eval_max_tokens_per_batch"], self.precision)
+            y = np.concatenate([r.labels for r in self.val_records[ion]]) if self.val_records[ion] else np.zeros(0)
+            p = np.concatenate(probs) if probs else np.zeros(0)
+            m = metrics.binary_metrics(y, p)
+            m["val_bce"] = float(-np.mean(y * np.log(np.clip(p, 1e-7, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-7, 1)))) if len(y) else float("nan")
+            out[ion] = {"metrics": m, "probs": probs}
+        return out
+
+    def end_epoch(self, epoch: int, train_stats: dict, val: dict) -> None:
+        t, st = self.cfg["training"], self.state
+        self._last_val = val
+        key = "auprc" if t["selection_metric"] == "auprc" else "hra"
+        per_ion = {ion: v["metrics"] for ion, v in val.items()}
+        values = [m[key] for m in per_ion.values() if not math.isnan(m[key])]
+        score = float(np.mean(values)) if values else float("nan")
+        improved = not math.isnan(score) and score > st.best_metric + t["min_delta"]
+        record = {"fold": self.fold + 1, "epoch": epoch + 1, "step": st.step, f"mean_{key}": score, "improved": improved,
+                  **train_stats, "val": {ion: _json_metrics(m) for ion, m in per_ion.items()}}
+        st.history.append(record)
+        if improved:
+            st.best_metric, st.best_epoch, st.bad_epochs = score, epoch, 0
+        else:
+            st.bad_epochs += 1
+        st.epoch = epoch + 1
+        if self.ctx.is_main:
+            summary = " ".join(f"{ion} auprc {m['auprc']:.3f} hra {m['hra']:.3f}" for ion, m in per_ion.items())
+            log.info("fold %d epoch %d: %s | mean %s %.4f%s | padding %.1f%% | %.0fs (F1/MCC at a threshold fitted on this fold are optimistic)",
+                     self.fold + 1, epoch + 1, summary, key, score, " *best*" if improved else "",
+                     100 * train_stats["padding_fraction"], train_stats["seconds"])
+            meta = self.meta(per_ion)
+            if improved:
+                save_state(self.dir / "best", self.model, meta)
+                write_oof(self.dir / "oof_predictions.tsv", self.val_records, {ion: v["probs"] for ion, v in val.items()})
+            save_state(self.dir / "last", self.model, {**meta, "trainer_state": st.__dict__}, self.optimizer)
+            atomic_write_text(self.dir / "metrics.jsonl", "".join(dumps_json(r) + "\n" for r in st.history))
+        self.ctx.barrier("checkpoint_written")
+
+    def meta(self, per_ion: dict) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "fold": self.fold + 1, "epoch": self.state.epoch, "ions": self.ions, "seed": c["general"]["seed"],
+            "base_model": _base_model_id(c["model"]["checkpoint"]), "base_revision": c["model"]["revision"],
+            "base_config": self.model.backbone.config.to_dict(),
+            "lora": {k: c["lora"][k] for k in ("r", "alpha", "lora_dropout", "target_modules", "train_mlm_head", "use_rslora", "layers")},
+            "head_dropout": c["model"]["dropout"], "max_query_length": c["data"]["max_query_length"],
+            "max_example_tokens": c["data"]["max_example_tokens"], "validation_msa_sampling": self.data.val_sampling.__dict__,
+            "metrics": {ion: _json_metrics(m) for ion, m in per_ion.items()},
+            "runtime": describe(self.ctx.device, self.precision),
+        }
+
+
+def predict_records(model, records: Sequence[Record], examples: Sequence[Example], ion: str, ctx: DistContext,
+                    max_tokens: int, precision: str | bool = "float32") -> list[np.ndarray]:
+    """Per-protein probabilities in ``records`` order (``scoring.score_records``: ranks share the work)."""
+    scores = score_records(model, examples, ion, ctx.device, max_tokens, precision, ctx)
+    return [scores[r.id] for r in records]
+
+
+def _base_model_id(checkpoint: str) -> str:
+    """Hub ids as given; local directories as absolute paths, so predictions work from any directory."""
+    path = Path(checkpoint).expanduser()
+    return str(path.resolve()) if path.is_dir() else checkpoint
+
+
+def _json_metrics(m: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
