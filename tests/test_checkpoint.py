@@ -391,7 +391,7 @@ def test_format_version_must_be_the_integer_1(last, version):
 def test_trainer_resume_reports_a_garbage_optimizer_state(tmp_path, tiny_checkpoint, monkeypatch):
     """The trainer's own resume path (FoldTrainer.run -> load_state) fails before the first step, naming the file."""
     import e1min.train as train
-    from tests.conftest import toy_config
+    from tests.helpers import toy_config
 
     cfg = toy_config(tmp_path, tiny_checkpoint, training={"epochs": 2, "early_stop_patience": 10})
     original = train.FoldTrainer.end_epoch

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from e1min.cli import main
-from tests.conftest import toy_config
+from tests.helpers import toy_config
 
 
 def test_info(tiny_checkpoint, capsys):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from e1min.dist import DistContext
 from tests import dist_workers as W
-from tests.conftest import toy_config
+from tests.helpers import toy_config
 
 
 def spawn(target, world, tmp_path, out, timeout=120):

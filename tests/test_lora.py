@@ -1,6 +1,7 @@
 """LoRA layer and injection: exact no-op init, freezing, merge, dtypes, dropout, rslora, gradients, counts, errors."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -14,9 +15,12 @@ from e1min.lora import (
     LoRALinear,
     apply_lora,
     format_trainable_parameters,
+    load_lora_state_dict,
     lora_modules,
     lora_parameter_count,
+    lora_parameters,
     lora_state_dict,
+    lora_state_shapes,
     merge_lora,
     trainable_parameters,
     unmerge_lora,
@@ -291,3 +295,62 @@ def test_lora_config_round_trip():
     assert LoRAConfig().target_modules == DEFAULT_TARGETS
     with pytest.raises(LoRAError):
         LoRAConfig.from_dict({"rank": 4})
+
+
+def test_load_lora_state_dict_round_trip(tiny_model, batch, tiny_config):
+    apply_lora(tiny_model, r=4, alpha=8, layers=[1])
+    _randomize_b(tiny_model)
+    state = {k: v.clone() for k, v in lora_state_dict(tiny_model).items()}
+    assert set(state) == set(lora_state_shapes(lora_modules(tiny_model), 4))
+    shapes = lora_state_shapes(lora_modules(tiny_model), 4)
+    assert all(tuple(v.shape) == shapes[k] for k, v in state.items())
+    ref = _out(tiny_model, batch)
+
+    other = apply_lora(random_model(tiny_config, seed=1), r=4, alpha=8, layers=[1])
+    base = {k: v for k, v in tiny_model.state_dict().items() if k not in state}
+    other.load_state_dict(base, strict=False)  # same base weights; LoRA still fresh (B = 0)
+    assert not torch.equal(_out(other, batch)[0], ref[0])
+    load_lora_state_dict(other, {k: v.double() for k, v in state.items()})  # cast to the parameters' dtype
+    got = lora_state_dict(other)
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], state[k]) for k in state)
+    assert all(p.requires_grad for p in lora_parameters(other).values())
+    assert lora_parameters(other).keys() == state.keys()
+    out = _out(other, batch)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_load_lora_state_dict_is_strict_and_atomic(tiny_model):
+    apply_lora(tiny_model, r=4, alpha=8)
+    _randomize_b(tiny_model)
+    before = {k: v.clone() for k, v in lora_state_dict(tiny_model).items()}
+    keys = sorted(before)
+    a_key, b_key = keys[0], keys[1]
+
+    def assert_untouched():
+        now = lora_state_dict(tiny_model)
+        assert all(torch.equal(now[k], before[k]) for k in before)
+
+    zeros = {k: torch.zeros_like(v) for k, v in before.items()}
+    missing = {k: v for k, v in zeros.items() if k != a_key}
+    with pytest.raises(LoRAError, match=rf"missing keys: {re.escape(a_key)}"):
+        load_lora_state_dict(tiny_model, missing)
+    assert_untouched()
+    with pytest.raises(LoRAError, match=r"unexpected keys: model\.layers\.0\.nope\.lora_A"):
+        load_lora_state_dict(tiny_model, {**zeros, "model.layers.0.nope.lora_A": torch.zeros(4, 4)})
+    assert_untouched()
+    shape = list(before[b_key].shape)
+    with pytest.raises(LoRAError, match=rf"wrong shapes: {re.escape(b_key)}: \[{shape[0]}, 2\] given, model has \[{shape[0]}, 4\]"):
+        load_lora_state_dict(tiny_model, {**zeros, b_key: torch.zeros(shape[0], 2)})
+    assert_untouched()
+    with pytest.raises(LoRAError, match="non-floating dtype"):
+        load_lora_state_dict(tiny_model, {**zeros, a_key: zeros[a_key].long()})
+    assert_untouched()
+    merge_lora(tiny_model)
+    with pytest.raises(LoRAError, match="merged"):
+        load_lora_state_dict(tiny_model, zeros)
+    unmerge_lora(tiny_model)
+
+
+def test_load_lora_state_dict_needs_lora_layers(tiny_model):
+    with pytest.raises(LoRAError, match="no LoRA layers"):
+        load_lora_state_dict(tiny_model, {})

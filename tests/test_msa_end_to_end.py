@@ -17,7 +17,7 @@ from e1min.data.fasta import Record, read_fasta, write_fasta
 from e1min.data.msa import MSASampling, read_a3m
 from e1min.predict import predict_main
 from e1min.train import main as train_main
-from tests.conftest import toy_config, write_toy_dataset
+from tests.helpers import toy_config, write_toy_dataset
 
 AMINO = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
 

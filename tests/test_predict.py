@@ -30,7 +30,7 @@ from e1min.predict import (
     read_input_fasta,
 )
 from e1min.scoring import score_examples
-from tests.predict_fixtures import random_records
+from tests.helpers import random_records
 
 TOL = 1e-5
 
@@ -55,7 +55,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
-    from tests.predict_fixtures import build_run
+    from tests.helpers import build_run
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)

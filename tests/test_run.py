@@ -14,7 +14,7 @@ import pytest
 from e1min.run import LOCK_FILE, RunLock, RunLockError, RunStateError, remove_temporaries
 from e1min.train import main as train_main
 from e1min.train import report_main
-from tests.conftest import toy_config
+from tests.helpers import toy_config
 
 
 def test_second_writer_is_refused_naming_the_holder(tmp_path):

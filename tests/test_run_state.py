@@ -13,7 +13,7 @@ import torch
 from e1min.data.fasta import DataError, Record, write_fasta
 from e1min.train import main as train_main
 from e1min.train_config import TrainConfigError, load_config
-from tests.conftest import toy_config
+from tests.helpers import toy_config
 
 
 def _strict_load(path: Path, text: str):

@@ -176,7 +176,7 @@ def test_predictor_and_trainer_record_what_ran(tmp_path, tiny_checkpoint, native
 
     from e1min.predict import load_checkpoint
     from e1min.train import main as train_main
-    from tests.conftest import toy_config
+    from tests.helpers import toy_config
 
     cfg = toy_config(tmp_path, tiny_checkpoint, training={"epochs": 1, "bf16": True})
     assert train_main(["--config", str(cfg)]) == 0

@@ -17,7 +17,7 @@ from e1min.lora import apply_lora
 from e1min.scoring import score_examples
 from e1min.train import LossSpec, backward_window, build_model, build_optimizer, lr_at, main
 from e1min.train_config import TrainConfigError, load_config
-from tests.conftest import toy_config
+from tests.helpers import toy_config
 
 
 def _examples(n, seed=0, ion="ZN"):

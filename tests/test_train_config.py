@@ -8,7 +8,7 @@ import yaml
 
 from e1min.cli import main as cli_main
 from e1min.train_config import TrainConfigError, load_config
-from tests.conftest import toy_config
+from tests.helpers import toy_config
 
 
 @pytest.mark.parametrize(
