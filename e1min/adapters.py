@@ -24,7 +24,17 @@ from torch import nn
 
 from e1min.errors import E1minError
 from e1min.io import atomic_save_safetensors, atomic_write_json, read_json_object
-from e1min.lora import DEFAULT_TARGETS, LoRAConfig, LoRAError, apply_lora, find_targets, lora_modules
+from e1min.lora import (
+    DEFAULT_TARGETS,
+    LoRAConfig,
+    LoRAError,
+    apply_lora,
+    find_targets,
+    load_lora_state_dict,
+    lora_modules,
+    lora_state_dict,
+    lora_state_shapes,
+)
 from e1min.weights import CheckpointError, resolve_directory
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -73,10 +83,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     mods = lora_modules(model)
     if not mods:
         raise AdapterError("the model has no LoRA layers: nothing to save (call apply_lora first)")
-    tensors = {}
-    for name, m in mods.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()
+    tensors = {f"{PREFIX}{k}.weight": v for k, v in lora_state_dict(model).items()}
     config = getattr(model, "lora_config", None)
     if config is not None and config.train_mlm_head:
         for k, v in model.mlm_head.state_dict().items():
@@ -311,10 +318,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         except LoRAError as e:
             raise AdapterError(f"{directory}: {e}") from None
 
-    expected: dict[str, tuple[int, ...]] = {}
-    for name, mod in targets.items():
-        expected[f"{name}.lora_A"] = (config.r, mod.in_features)
-        expected[f"{name}.lora_B"] = (mod.out_features, config.r)
+    expected: dict[str, tuple[int, ...]] = dict(lora_state_shapes(targets, config.r))
     if config.train_mlm_head:
         expected.update({f"mlm_head.{k}": tuple(v.shape) for k, v in model.mlm_head.state_dict().items()})
     missing = sorted(set(expected) - set(state))
@@ -341,7 +345,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             use_rslora=config.use_rslora,
             train_mlm_head=config.train_mlm_head,
         )
-    mods = lora_modules(model)
+    load_lora_state_dict(model, {k: t for k, t in state.items() if not k.startswith("mlm_head.")})
     head = dict(model.mlm_head.named_parameters()) if config.train_mlm_head else {}
     head_buffers = dict(model.mlm_head.named_buffers()) if config.train_mlm_head else {}
     with torch.no_grad():
@@ -349,8 +353,5 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             if key.startswith("mlm_head."):
                 k = key[len("mlm_head.") :]
                 dst = head.get(k, head_buffers.get(k))
-            else:
-                module, _, ab = key.rpartition(".")
-                dst = getattr(mods[module], ab)
-            dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
+                dst.copy_(t.to(device=dst.device, dtype=dst.dtype))
     return model

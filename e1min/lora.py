@@ -287,13 +287,72 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+# The LoRA tensors are read and written only through the functions below; their keys are
+# ``<module path>.lora_A`` / ``.lora_B`` (the parameter names in ``model.named_parameters()``).
+
+
+def lora_state_shapes(targets: dict[str, nn.Module], r: int) -> dict[str, tuple[int, int]]:
+    """The keys and shapes ``lora_state_dict`` has once ``targets`` (path -> Linear or LoRALinear) carry rank ``r``."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, mod in targets.items():
+        shapes[f"{name}.lora_A"] = (r, mod.in_features)
+        shapes[f"{name}.lora_B"] = (mod.out_features, r)
+    return shapes
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The LoRA parameters themselves (for optimisers and gradient checks), keyed as in ``lora_state_dict``."""
+    out: dict[str, nn.Parameter] = {}
+    for name, m in _require_lora(model).items():
+        out[f"{name}.lora_A"] = m.lora_A
+        out[f"{name}.lora_B"] = m.lora_B
+    return out
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{<module path>.lora_A: (r, in), <module path>.lora_B: (out, r)}``, detached (the LoRA parameters only)."""
-    out = {}
-    for name, m in _require_lora(model).items():
-        out[f"{name}.lora_A"] = m.lora_A.detach()
-        out[f"{name}.lora_B"] = m.lora_B.detach()
-    return out
+    return {k: p.detach() for k, p in lora_parameters(model).items()}
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (keys and shapes as ``lora_state_dict``) into the model's existing LoRALinear modules.
+
+    Strict: missing or unexpected keys, wrong shapes, non-floating tensors and merged LoRA layers are one
+    LoRAError listing every problem, raised before anything is copied. Values are cast to each
+    parameter's dtype and device; autograd does not see the copy.
+    """
+    mods = _require_lora(model)
+    merged = sorted(name for name, m in mods.items() if m.merged)
+    if merged:
+        raise LoRAError(f"LoRA layers are merged ({_few(merged)}); call unmerge_lora(model) before loading LoRA weights")
+    params = lora_parameters(model)
+    problems = []
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing:
+        problems.append(f"missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_few(unexpected)}")
+    common = sorted(set(params) & set(state))
+    not_tensor = [k for k in common if not isinstance(state[k], torch.Tensor)]
+    if not_tensor:
+        problems.append(f"not tensors: {_few(not_tensor)}")
+    tensors = [k for k in common if k not in not_tensor]
+    wrong = [f"{k}: {list(state[k].shape)} given, model has {list(params[k].shape)}" for k in tensors if state[k].shape != params[k].shape]
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:4]) + (f" ... ({len(wrong)} in all)" if len(wrong) > 4 else ""))
+    not_float = [f"{k} ({str(state[k].dtype).removeprefix('torch.')})" for k in tensors if not state[k].is_floating_point()]
+    if not_float:
+        problems.append(f"non-floating dtype: {_few(not_float)}")
+    if problems:
+        raise LoRAError("LoRA state does not fit the model's LoRA layers: " + " | ".join(problems))
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k].to(device=p.device, dtype=p.dtype))
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def _module_type(name: str, lora_paths: set[str]) -> str:

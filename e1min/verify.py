@@ -18,7 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from e1min.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, load_adapter, save_adapter
-from e1min.lora import DEFAULT_TARGETS, apply_lora, lora_modules, lora_parameter_count, merge_lora, trainable_parameters, unmerge_lora
+from e1min.lora import (
+    DEFAULT_TARGETS,
+    apply_lora,
+    load_lora_state_dict,
+    lora_modules,
+    lora_parameter_count,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    trainable_parameters,
+    unmerge_lora,
+)
 from e1min.tokenizer import prepare_batch
 
 # Two rows, one multi-sequence with padding in the other row, so masks and both layer kinds are exercised.
@@ -144,6 +155,17 @@ def run_checks(
     apply_lora(model, r=r, alpha=alpha, target_modules=DEFAULT_TARGETS)
     mods = lora_modules(model)
     n = len(mods)
+    params = lora_parameters(model)  # <module path>.lora_A / .lora_B -> parameter
+    a_keys = [k for k in params if k.endswith(".lora_A")]
+    b_keys = [k for k in params if k.endswith(".lora_B")]
+    gen = torch.Generator().manual_seed(seed)
+
+    def set_lora(which: str, std: float) -> None:
+        """Random normal values (``std``) for every A (``which="A"``) or every B, through lora.py."""
+        lora = lora_state_dict(model)
+        keys = a_keys if which == "A" else b_keys
+        lora.update({k: torch.randn(lora[k].shape, generator=gen) * std for k in keys})
+        load_lora_state_dict(model, lora)
 
     def check_fresh():
         logits, emb = _outputs(model, batch)
@@ -152,18 +174,15 @@ def run_checks(
         return ok, f"max|Δlogits| = {dl:.1e}, max|Δhidden| = {de:.1e} with {n} LoRA layers (r={r}, alpha={alpha:g})"
 
     def check_only_a():
-        with torch.no_grad():
-            for m in mods.values():
-                m.lora_A.normal_()
-        b_zero = all(not _nonzero(m.lora_B) for m in mods.values())
+        set_lora("A", 1.0)
+        lora = lora_state_dict(model)
+        b_zero = all(not _nonzero(lora[k]) for k in b_keys)
         logits, emb = _outputs(model, batch)
         ok = b_zero and torch.equal(logits, base_logits) and torch.equal(emb, base_emb)
         return ok, f"max|Δlogits| = {_maxdiff(logits, base_logits):.1e}, max|Δhidden| = {_maxdiff(emb, base_emb):.1e} (A random, B = 0)"
 
     def check_a_and_b():
-        with torch.no_grad():
-            for m in mods.values():
-                m.lora_B.normal_(std=0.02)
+        set_lora("B", 0.02)
         _, emb = _outputs(model, batch)
         d = (emb.float() - base_emb.float()).abs()
         ok = bool(torch.isfinite(d).all()) and d.max().item() > 0
@@ -177,13 +196,13 @@ def run_checks(
         opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
         state["opt"] = opt
         _loss(model, batch).backward()
-        b0 = sum(_nonzero(m.lora_B.grad) for m in mods.values())
-        a0_zero = sum(m.lora_A.grad is not None and not _nonzero(m.lora_A.grad) for m in mods.values())
+        b0 = sum(_nonzero(params[k].grad) for k in b_keys)
+        a0_zero = sum(params[k].grad is not None and not _nonzero(params[k].grad) for k in a_keys)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _loss(model, batch).backward()
-        a1 = sum(_nonzero(m.lora_A.grad) for m in mods.values())
-        b1 = sum(_nonzero(m.lora_B.grad) for m in mods.values())
+        a1 = sum(_nonzero(params[k].grad) for k in a_keys)
+        b1 = sum(_nonzero(params[k].grad) for k in b_keys)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ok = b0 == n and a0_zero == n and a1 == n and b1 == n
@@ -191,13 +210,13 @@ def run_checks(
 
     def check_frozen():
         opt = state.get("opt") or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        lora_before = {k: v.detach().clone() for k, v in model.named_parameters() if k.endswith((".lora_A", ".lora_B"))}
+        lora_before = {k: v.clone() for k, v in lora_state_dict(model).items()}
         for _ in range(3):
             _loss(model, batch).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         model.eval()
-        frozen = {k: v for k, v in model.named_parameters() if not k.endswith((".lora_A", ".lora_B"))}
+        frozen = {k: v for k, v in model.named_parameters() if k not in params}
         same = [k for k, v in frozen.items() if k in snapshot and torch.equal(v, snapshot[k])]
         names_ok = set(frozen) == set(snapshot)
         moved = sum(not torch.equal(v, lora_before[k]) for k, v in model.named_parameters() if k in lora_before)
