@@ -23,7 +23,10 @@ from typing import Any, Iterable, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from e1min.errors import E1minError
+
 __all__ = [
+    "MetricsError",
     "precision_recall_curve",
     "roc_curve",
     "average_precision",
@@ -39,6 +42,10 @@ Criterion = Literal["youden", "f1", "mcc"]
 FloatArray = NDArray[np.float64]
 
 _NAN = float("nan")
+
+
+class MetricsError(E1minError, ValueError):
+    """A metric request a user can fix: NaN scores (a diverged model), a bad min_recall or criterion."""
 
 
 # --------------------------------------------------------------------------- core
@@ -64,7 +71,8 @@ def _validate(y_true: ArrayLike, y_score: ArrayLike) -> tuple[NDArray[np.bool_],
         raise ValueError(f"y_score must be numeric, got dtype {s.dtype}")
     s = s.astype(np.float64, copy=False)
     if np.isnan(s).any():
-        raise ValueError("y_score contains NaN")
+        # Reachable from a diverged model (NaN scores), so a user error, not a bug.
+        raise MetricsError(f"y_score contains NaN ({int(np.isnan(s).sum())} of {s.size} scores): the model's outputs are not finite")
     return t, s
 
 
@@ -118,7 +126,7 @@ def _auc(tps: FloatArray, fps: FloatArray) -> float:
 
 def _hra(tps: FloatArray, fps: FloatArray, min_recall: float) -> tuple[float, float]:
     if not 0.0 <= min_recall < 1.0:
-        raise ValueError(f"min_recall must be in [0, 1), got {min_recall}")
+        raise MetricsError(f"'min_recall' must be in [0, 1), got {min_recall}")
     if tps.size == 0 or tps[-1] == 0:
         return _NAN, _NAN
     recall = tps / tps[-1]
@@ -166,7 +174,7 @@ def _criterion_values(tps: FloatArray, fps: FloatArray, criterion: str) -> Float
 
 def _best(tps: FloatArray, fps: FloatArray, thresholds: FloatArray, criterion: str) -> tuple[float, float]:
     if criterion not in ("youden", "f1", "mcc"):
-        raise ValueError(f"criterion must be 'youden', 'f1' or 'mcc', got {criterion!r}")
+        raise MetricsError(f"threshold criterion must be 'youden', 'f1' or 'mcc', got {criterion!r}")
     if tps.size == 0 or tps[-1] == 0 or fps[-1] == 0:
         return _NAN, _NAN
     vals = _criterion_values(tps, fps, criterion)

@@ -21,6 +21,7 @@ USER_ERRORS = [
     ("e1min.io", "OutputError", ValueError),
     ("e1min.run", "RunLockError", RuntimeError),
     ("e1min.run", "RunStateError", ValueError),
+    ("e1min.metrics", "MetricsError", ValueError),
 ]
 
 
@@ -88,3 +89,40 @@ def test_bad_adapter_dir_is_e1min_error(tmp_path, tiny_model):
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(E1minError, match="adapter_config.json"):
         load_adapter(tiny_model, tmp_path)
+
+
+def test_bad_settings_are_e1min_errors():
+    import numpy as np
+
+    from e1min.data.batching import token_budget_batches
+    from e1min.data.collate import MaskingConfig
+    from e1min.data.folds import assign_folds
+    from e1min.data.msa import MSASampling
+    from e1min.data.windows import sliding_windows
+    from e1min.metrics import best_threshold, binary_metrics
+
+    cases = [
+        (lambda: MSASampling.from_dict({"max_rows": 3}), "max_rows"),
+        (lambda: MSASampling(max_query_similarity=1.5), "'max_query_similarity' must be in"),
+        (lambda: MaskingConfig(probability=2.0), "'probability' must be in"),
+        (lambda: token_budget_batches([3, 4], 0), "'max_tokens'"),
+        (lambda: sliding_windows(100, 10, overlap=10), "'overlap'"),
+        (lambda: assign_folds({}, num_folds=1, seed=0), "'num_folds'"),
+        (lambda: best_threshold([0, 1], [0.1, 0.9], criterion="auc"), "criterion"),
+        (lambda: binary_metrics([0, 1], [0.1, np.nan]), "NaN"),
+    ]
+    for fn, match in cases:
+        with pytest.raises(E1minError, match=match):
+            fn()
+
+
+def test_programming_errors_stay_plain():
+    from e1min.data.windows import sliding_windows
+    from e1min.metrics import binary_metrics
+
+    with pytest.raises(ValueError) as e:
+        binary_metrics([0, 1, 1], [0.1, 0.9])  # shapes differ: only code can do that
+    assert not isinstance(e.value, E1minError)
+    with pytest.raises(ValueError) as e:
+        sliding_windows(0, 10)
+    assert not isinstance(e.value, E1minError)

@@ -7,6 +7,7 @@ from typing import Sequence, TypeVar
 
 import numpy as np
 
+from e1min.data.fasta import DataError
 from e1min.data.seeding import stable_seed
 
 T = TypeVar("T")
@@ -20,7 +21,7 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, seed: int | No
     example longer than the budget forms a batch of its own.
     """
     if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        raise DataError(f"'max_tokens' (tokens per batch) must be positive, got {max_tokens}")
     lens = np.asarray(lengths, dtype=np.int64)
     if len(lens) == 0:
         return []
@@ -49,7 +50,7 @@ def fixed_size_batches(
     ``sort_by_length`` chunks length-sorted indices instead and shuffles the batch order.
     """
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise DataError(f"'batch_size' must be positive, got {batch_size}")
     n = len(lengths)
     rng = np.random.default_rng(stable_seed(seed, "fixed_size")) if seed is not None else None
     if sort_by_length:

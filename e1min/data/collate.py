@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from e1min.data.dataset import Example
+from e1min.data.fasta import DataError
 from e1min.data.seeding import stable_seed
 from e1min.tokenizer import AMINO_ACID_IDS, FIRST_LETTER_ID, MASK_ID, RESIDUE_OFFSET, encode, pad_batch
 
@@ -27,9 +28,9 @@ class MaskingConfig:
     def __post_init__(self) -> None:
         for name in ("probability", "mask_fraction", "random_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise DataError(f"masking: {name!r} must be in [0, 1], got {getattr(self, name)}")
         if self.mask_fraction + self.random_fraction > 1.0 + 1e-9:
-            raise ValueError("mask_fraction + random_fraction must not exceed 1")
+            raise DataError(f"masking: 'mask_fraction' + 'random_fraction' must not exceed 1, got {self.mask_fraction} + {self.random_fraction}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "MaskingConfig":
@@ -38,7 +39,7 @@ class MaskingConfig:
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown masking setting(s) {unknown}; allowed: {allowed}")
+            raise DataError(f"unknown masking setting(s) {unknown}; allowed: {allowed}")
         return cls(**d)
 
 
@@ -79,7 +80,7 @@ def collate(
     if len(ions) != 1:
         raise ValueError(f"a batch must hold one ion, got {sorted(ions)}")
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        raise DataError(f"'label_smoothing' must be in [0, 1), got {label_smoothing}")
     encoded = [encode([*ex.context, ex.query]) for ex in examples]
     mlm_rows = []
     for ex, enc in zip(examples, encoded):

@@ -87,7 +87,7 @@ def ion_stats(records: Sequence[Record]) -> dict:
 def pos_weight(records: Sequence[Record], mode: str) -> float:
     """BCE positive weight: none -> 1, linear -> neg/pos, sqrt -> sqrt(neg/pos) over labelled residues."""
     if mode not in ("none", "linear", "sqrt"):
-        raise ValueError(f"unknown pos_weight mode {mode!r} (none, linear, sqrt)")
+        raise DataError(f"unknown 'pos_weight_mode' {mode!r} (none, linear, sqrt)")
     if mode == "none":
         return 1.0
     stats = ion_stats(records)

@@ -19,7 +19,8 @@ _BAD_LABEL = re.compile(r"[^01]")
 
 
 class DataError(E1minError, ValueError):
-    """Malformed or inconsistent input data; the message names the file, line and record."""
+    """Malformed or inconsistent input data, or a data-pipeline setting (MSA sampling, masking, batching,
+    windows, folds) out of range; the message names the file, line and record, or the setting."""
 
 
 @dataclass

@@ -10,8 +10,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from e1min.data.fasta import DataError, Record
-from e1min.io import atomic_write_text
 from e1min.data.seeding import stable_seed
+from e1min.io import atomic_write_text
 
 FOLDS_VERSION = 1
 
@@ -59,7 +59,7 @@ def assign_folds(records_by_ion: Mapping[str, Sequence[Record]], num_folds: int,
     so far (ties: fewest proteins, then lowest index): deterministic and balanced.
     """
     if num_folds < 2:
-        raise ValueError(f"num_folds must be at least 2, got {num_folds}")
+        raise DataError(f"'num_folds' must be at least 2, got {num_folds}")
     lengths: dict[str, int] = {}
     for records in records_by_ion.values():
         for r in records:

@@ -80,12 +80,12 @@ class MSASampling:
 
     def __post_init__(self) -> None:
         if self.max_num_samples < 0 or self.max_token_length < 0:
-            raise ValueError("max_num_samples and max_token_length must be >= 0")
+            raise DataError(f"MSA sampling: 'max_num_samples' and 'max_token_length' must be >= 0, got {self.max_num_samples} and {self.max_token_length}")
         for name in ("neighbor_similarity_lower_bound", "min_query_similarity", "max_query_similarity"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise DataError(f"MSA sampling: {name!r} must be in [0, 1], got {getattr(self, name)}")
         if self.min_query_similarity > self.max_query_similarity:
-            raise ValueError("min_query_similarity is larger than max_query_similarity")
+            raise DataError(f"MSA sampling: 'min_query_similarity' ({self.min_query_similarity}) is larger than 'max_query_similarity' ({self.max_query_similarity})")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, base: "MSASampling | None" = None) -> "MSASampling":
@@ -94,7 +94,7 @@ class MSASampling:
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(allowed))
         if unknown:
-            raise ValueError(f"unknown MSA sampling setting(s) {unknown}; allowed: {allowed}")
+            raise DataError(f"unknown MSA sampling setting(s) {unknown}; allowed: {allowed}")
         start = {f: getattr(base, f) for f in allowed} if base is not None else {}
         return cls(**{**start, **d})
 

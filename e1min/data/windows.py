@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from e1min.data.fasta import DataError
+
 
 @dataclass(frozen=True)
 class Window:
@@ -29,10 +31,10 @@ def sliding_windows(length: int, max_len: int | None, overlap: int | None = None
     if max_len is None or length <= max_len:
         return [Window(0, length, 0, length)]
     if max_len < 2:
-        raise ValueError(f"max_len must be at least 2, got {max_len}")
+        raise DataError(f"'max_query_length' (window length) must be at least 2, got {max_len}")
     overlap = max_len // 4 if overlap is None else overlap
     if not 0 <= overlap < max_len:
-        raise ValueError(f"overlap must be in [0, max_len), got {overlap} (max_len {max_len})")
+        raise DataError(f"window 'overlap' must be in [0, max_query_length), got {overlap} (max_query_length {max_len})")
     stride = max_len - overlap
     starts = list(range(0, length - max_len, stride)) + [length - max_len]
     ends = [s + max_len for s in starts]
