@@ -249,7 +249,7 @@ def clip(x: torch.Tensor, c: float) -> torch.Tensor:
     """``x.clamp(-c, c)`` whose backward keeps a boolean mask instead of a float copy of ``x`` (4x less memory)."""
     if not x.requires_grad:
         return x.clamp(-c, c)
-    return torch.where(x.abs() <= c, x, x.detach().clamp(-c, c))
+    return torch.where(x.detach().abs() <= c, x, x.detach().clamp(-c, c))
 
 
 class _SiluGate(torch.autograd.Function):
