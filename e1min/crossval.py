@@ -33,7 +33,7 @@ def prepare_run(cfg: dict, ctx: DistContext, out: Path) -> RunData:
     """Load records, assign (or reuse) folds, write config.yaml / folds.json / data_stats.json."""
     d, t, g = cfg["data"], cfg["training"], cfg["general"]
     records = load_ion_records(d["fasta_path"], t["ions"], d["fasta_pattern"])
-    folds_file = out / "folds.json"
+    folds_file = RunDir(out).folds_file
     fold_meta = {"num_folds": t["num_folds"], "seed": g["seed"], "ions": list(t["ions"]), "data": data_fingerprint(records)}
     if folds_file.exists():
         assignment, saved = load_folds(folds_file)

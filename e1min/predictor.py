@@ -35,6 +35,7 @@ from e1min.errors import E1minError
 from e1min.heads import BindingModel
 from e1min.hub import CONFIG_NAME, load_model, resolve_checkpoint
 from e1min.lora import lora_modules, lora_state_dict, merge_lora
+from e1min.run import RunDir
 from e1min.runtime import describe, inference_precision, parse_precision, resolve_device
 from e1min.scoring import score_records
 
@@ -187,15 +188,15 @@ class Predictor:
 def _find_run_dir(state: Path) -> Path | None:
     """results/<run> for results/<run>/fold_K/best (or fold_K), when it looks like a run directory."""
     for cand in (state.parent, state.parent.parent):
-        if (cand / "thresholds.json").exists() or (cand / "config.yaml").exists():
+        if RunDir(cand).thresholds.exists() or (cand / "config.yaml").exists():
             return cand
     return None
 
 
 def _read_thresholds(run_dir: Path | None) -> dict[str, dict[str, Any]]:
-    if run_dir is None or not (run_dir / "thresholds.json").exists():
+    path = RunDir(run_dir).thresholds if run_dir is not None else None
+    if path is None or not path.exists():
         return {}
-    path = run_dir / "thresholds.json"
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -327,7 +328,7 @@ def complete_folds(results_dir: str | os.PathLike) -> list[int]:
     root = Path(results_dir)
     for d in sorted(root.glob("fold_*"), key=lambda p: (len(p.name), p.name)):
         k = d.name.removeprefix("fold_")
-        if k.isdigit() and (d / "fold_result.json").exists() and state_dir(d / "best") is not None:
+        if k.isdigit() and RunDir(root).fold_result(int(k)).exists() and state_dir(RunDir(root).state(int(k), "best")) is not None:
             out.append(int(k))
     return out
 
@@ -362,7 +363,7 @@ def load_ensemble(
             raise RunCheckpointError(f"{root}: fold(s) {missing} not complete; complete folds: {available or 'none'}")
     metas = []
     for k in chosen:
-        d = _resolve_state(root / f"fold_{k}")
+        d = _resolve_state(RunDir(root).fold(k))
         _check_state_files(d)
         meta = read_meta(d)
         _check_meta(meta, d)
@@ -396,7 +397,7 @@ def load_backbone(path: str | os.PathLike, fold: int | None = None, base_model=N
             k = fold or available[0]
             if k not in available:
                 raise RunCheckpointError(f"{p}: fold {k} not complete; complete folds: {available}")
-            p = p / f"fold_{k}"
+            p = RunDir(p).fold(k)
         pred = load_checkpoint(p, base_model=base_model, device=device, dtype=dtype, merge=True)
         info = {"source": "fine-tuned", "checkpoint": pred.fold_names[0], "base_model": pred.meta.get("base_model"),
                 "max_query_length": pred.max_query_length}

@@ -52,12 +52,13 @@ def read_oof(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def summarise(out: Path, ions: Sequence[str], num_folds: int, method: str) -> dict[str, Any] | None:
     """thresholds.json, summary.json and summary.md from every completed fold's OOF predictions."""
+    run = RunDir(out)
     notes: list[str] = []
     folds = []
     for k in range(1, num_folds + 1):
-        if not (out / f"fold_{k}" / "fold_result.json").exists():
+        if not run.fold_result(k).exists():
             continue
-        if not (out / f"fold_{k}" / "oof_predictions.tsv").exists():
+        if not run.oof(k).exists():
             notes.append(f"fold {k}: no oof_predictions.tsv (left out of the summary)")
             continue
         folds.append(k)
@@ -65,7 +66,7 @@ def summarise(out: Path, ions: Sequence[str], num_folds: int, method: str) -> di
         log.warning("summary: %s", n)
     if not folds:
         return None
-    oof = {k: read_oof(out / f"fold_{k}" / "oof_predictions.tsv") for k in folds}
+    oof = {k: read_oof(run.oof(k)) for k in folds}
     thresholds, ions_out = {}, {}
     for ion in ions:
         per_fold = {k: oof[k][ion] for k in folds if ion in oof[k] and len(oof[k][ion][0])}
@@ -90,9 +91,9 @@ def summarise(out: Path, ions: Sequence[str], num_folds: int, method: str) -> di
             for key in cols:
                 cols[key].append(m[key])
         ions_out[ion] = {"positive_rate": float(y_all.mean()), **{k: metrics.mean_std(v) for k, v in cols.items()}}
-    fold_results = [read_json_object(out / f"fold_{k}" / "fold_result.json", DataError) for k in folds]
+    fold_results = [read_json_object(run.fold_result(k), DataError) for k in folds]
     summary = {"ions": ions_out, "folds": fold_results, "config": "config.yaml", "notes": notes}
-    atomic_write_json(out / "thresholds.json", thresholds)
+    atomic_write_json(run.thresholds, thresholds)
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", summary_markdown(ions_out, folds, notes))
     return summary
@@ -147,7 +148,7 @@ def report_run(out: str | os.PathLike, cfg: dict | None = None, only_missing_plo
     t = cfg["training"]
     run = RunDir(out)
     for k in range(1, t["num_folds"] + 1):
-        history_file = run.fold(k) / "metrics.jsonl"
+        history_file = run.metrics(k)
         if not run.fold_result(k).exists() or not history_file.exists():
             continue
         if only_missing_plots and (out / "plots" / f"curves_fold_{k}.csv").exists():

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from e1min.errors import E1minError
 from e1min.io import TMP_SUFFIX
@@ -52,6 +54,39 @@ class RunDir:
     @property
     def lock(self) -> Path:
         return self.root / LOCK_FILE
+
+    @property
+    def thresholds(self) -> Path:
+        return self.root / "thresholds.json"
+
+    @property
+    def folds_file(self) -> Path:
+        return self.root / "folds.json"
+
+    def oof(self, k: int) -> Path:
+        return self.fold(k) / "oof_predictions.tsv"
+
+    def metrics(self, k: int) -> Path:
+        return self.fold(k) / "metrics.jsonl"
+
+
+@dataclass
+class FoldState:
+    """Where a fold's training stands; saved as ``trainer_state`` in ``last/checkpoint.json`` for ``--resume``."""
+
+    epoch: int = 0  # next epoch to run
+    step: int = 0  # optimiser steps taken
+    best_metric: float = -math.inf  # strict JSON writes -inf as null: read back with from_json
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "FoldState":
+        state = cls(**d)
+        if state.best_metric is None:
+            state.best_metric = -math.inf
+        return state
 
 
 class RunLock:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +32,7 @@ from e1min.hub import load_model
 from e1min.io import atomic_write_json, atomic_write_text, dumps_json, format_duration
 from e1min.lora import apply_lora
 from e1min.report import write_oof, write_plots
+from e1min.run import FoldState, RunDir
 from e1min.runtime import autocast, describe, training_precision
 from e1min.scoring import _precision, score_records, to_device
 
@@ -180,22 +181,13 @@ def optimizer_step(
     return comm
 
 
-@dataclass
-class FoldState:
-    epoch: int = 0  # next epoch to run
-    step: int = 0  # optimiser steps taken
-    best_metric: float = -math.inf
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
 class FoldTrainer:
     """Trains and validates one fold; owns the model, optimiser and the fold's output directory."""
 
     def __init__(self, cfg: dict, ctx: DistContext, data: RunData, fold: int, out: Path):
         self.cfg, self.ctx, self.data, self.fold = cfg, ctx, data, fold  # fold is 0-based
-        self.dir = out / f"fold_{fold + 1}"
+        self.rundir = RunDir(out)
+        self.dir = self.rundir.fold(fold + 1)
         t = cfg["training"]
         self.ions = list(t["ions"])
         split_by_ion = {ion: split(recs, data.assignment, fold) for ion, recs in data.records.items()}
@@ -230,12 +222,10 @@ class FoldTrainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool) -> dict[str, Any]:
         t = self.cfg["training"]
-        if resume and state_dir(self.dir / "last") is not None:
-            meta = load_state(self.dir / "last", self.model, self.optimizer)
-            self.state = FoldState(**meta["trainer_state"])
-            if self.state.best_metric is None:  # strict JSON wrote -inf (nothing selected yet) as null
-                self.state.best_metric = -math.inf
-            log.info("fold %d: resumed from %s at epoch %d", self.fold + 1, self.dir / "last", self.state.epoch + 1)
+        if resume and state_dir(self.rundir.state(self.fold + 1, "last")) is not None:
+            meta = load_state(self.rundir.state(self.fold + 1, "last"), self.model, self.optimizer)
+            self.state = FoldState.from_json(meta["trainer_state"])
+            log.info("fold %d: resumed from %s at epoch %d", self.fold + 1, self.rundir.state(self.fold + 1, "last"), self.state.epoch + 1)
         while self.state.epoch < t["epochs"]:
             epoch = self.state.epoch
             train_stats = self.train_epoch(epoch)
@@ -253,10 +243,10 @@ class FoldTrainer:
                         "best/ holds the last epoch", self.fold + 1, t["selection_metric"])
             result.update(best_epoch=None, best_metric=None, selection="last epoch: selection metric undefined at every epoch")
             if self.ctx.is_main and self._last_val is not None:
-                save_state(self.dir / "best", self.model, self.meta({ion: v["metrics"] for ion, v in self._last_val.items()}))
-                write_oof(self.dir / "oof_predictions.tsv", self.val_records, {ion: v["probs"] for ion, v in self._last_val.items()})
+                save_state(self.rundir.state(self.fold + 1, "best"), self.model, self.meta({ion: v["metrics"] for ion, v in self._last_val.items()}))
+                write_oof(self.rundir.oof(self.fold + 1), self.val_records, {ion: v["probs"] for ion, v in self._last_val.items()})
         if self.ctx.is_main:
-            atomic_write_json(self.dir / "fold_result.json", result)
+            atomic_write_json(self.rundir.fold_result(self.fold + 1), result)
             write_plots(self.dir.parent / "plots", self.fold + 1, self.state.history, self.ions)
         self.ctx.barrier("fold_end")
         return result
@@ -351,10 +341,10 @@ class FoldTrainer:
                      100 * train_stats["padding_fraction"], train_stats["seconds"])
             meta = self.meta(per_ion)
             if improved:
-                save_state(self.dir / "best", self.model, meta)
-                write_oof(self.dir / "oof_predictions.tsv", self.val_records, {ion: v["probs"] for ion, v in val.items()})
-            save_state(self.dir / "last", self.model, {**meta, "trainer_state": st.__dict__}, self.optimizer)
-            atomic_write_text(self.dir / "metrics.jsonl", "".join(dumps_json(r) + "\n" for r in st.history))
+                save_state(self.rundir.state(self.fold + 1, "best"), self.model, meta)
+                write_oof(self.rundir.oof(self.fold + 1), self.val_records, {ion: v["probs"] for ion, v in val.items()})
+            save_state(self.rundir.state(self.fold + 1, "last"), self.model, {**meta, "trainer_state": st.__dict__}, self.optimizer)
+            atomic_write_text(self.rundir.metrics(self.fold + 1), "".join(dumps_json(r) + "\n" for r in st.history))
         self.ctx.barrier("checkpoint_written")
 
     def meta(self, per_ion: dict) -> dict[str, Any]:

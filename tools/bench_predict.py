@@ -34,14 +34,15 @@ def make_run(work: Path, shape: str, folds: int, max_query_length: int) -> Path:
     from e1min.io import atomic_write_json
     from e1min.lora import apply_lora, lora_modules
     from e1min.random_checkpoint import write_random_checkpoint
+    from e1min.run import RunDir
 
     base = work / f"{shape}-base"
     if not (base / "config.json").exists():
         print(f"writing random {shape} base checkpoint to {base} ...", file=sys.stderr)
         write_random_checkpoint(base, preset(shape), seed=0)
-    run = work / f"{shape}-run-{folds}fold-q{max_query_length}"
-    if all((run / f"fold_{k}" / "fold_result.json").exists() for k in range(1, folds + 1)):
-        return run
+    run = RunDir(work / f"{shape}-run-{folds}fold-q{max_query_length}")
+    if all(run.fold_result(k).exists() for k in range(1, folds + 1)):
+        return run.root
     for k in range(1, folds + 1):
         backbone = load_model(base, dtype=torch.float32)
         torch.manual_seed(k)
@@ -58,10 +59,10 @@ def make_run(work: Path, shape: str, folds: int, max_query_length: int) -> Path:
             "head_dropout": 0.0, "max_query_length": max_query_length, "max_example_tokens": 16384,
             "validation_msa_sampling": {}, "metrics": {},
         }
-        save_state(run / f"fold_{k}" / "best", model, meta)
-        atomic_write_json(run / f"fold_{k}" / "fold_result.json", {"fold": k, "complete": True})
-    atomic_write_json(run / "thresholds.json", {"ZN": {"threshold": 0.5, "method": "fixed"}})
-    return run
+        save_state(run.state(k, "best"), model, meta)
+        atomic_write_json(run.fold_result(k), {"fold": k, "complete": True})
+    atomic_write_json(run.thresholds, {"ZN": {"threshold": 0.5, "method": "fixed"}})
+    return run.root
 
 
 def bench(run: Path, records, args, label: str) -> dict:
