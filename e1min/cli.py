@@ -39,11 +39,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from e1min.crossval import train_run
-    from e1min.train_config import load_config
+    from e1min.recipe import load_recipe
 
     overrides = list(args.set) + ([f"training.folds=[{args.folds}]"] if args.folds else [])
-    cfg, notes = load_config(args.config, overrides)
-    train_run(cfg, notes, label=args.config, resume=args.resume, restart_folds=args.restart_fold)
+    recipe, notes = load_recipe(args.config, overrides)
+    train_run(recipe, notes, label=args.config, resume=args.resume, restart_folds=args.restart_fold)
     return 0
 
 

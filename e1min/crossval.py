@@ -17,24 +17,25 @@ from e1min.checkpoint import state_dir
 from e1min.data.dataset import ion_stats, load_ion_records
 from e1min.data.fasta import DataError, Record
 from e1min.data.folds import assign_folds, check_assignment, load_folds, save_folds
-from e1min.data.msa import ContextProvider, MSASampling
+from e1min.data.msa import ContextProvider
 from e1min.dist import DistContext, init_distributed
 from e1min.io import atomic_write_json, atomic_write_text
 from e1min.report import report_run
 from e1min.run import STATE_NAMES, RunDir, RunLock, RunLockError, RunStateError, remove_temporaries
 from e1min.runtime import set_matmul_precision, training_precision
-from e1min.train_config import dump_config
-from e1min.trainer import FoldTrainer, RunData
+from e1min.recipe import Recipe
+from e1min.trainer import FoldTrainer, RunData, as_recipe
 
 log = logging.getLogger("e1min")
 
 
-def prepare_run(cfg: dict, ctx: DistContext, out: Path) -> RunData:
+def prepare_run(cfg: Recipe | dict, ctx: DistContext, out: Path) -> RunData:
     """Load records, assign (or reuse) folds, write config.yaml / folds.json / data_stats.json."""
-    d, t, g = cfg["data"], cfg["training"], cfg["general"]
-    records = load_ion_records(d["fasta_path"], t["ions"], d["fasta_pattern"])
+    cfg = as_recipe(cfg)
+    d, t, g = cfg.data, cfg.training, cfg.general
+    records = load_ion_records(d.fasta_path, t.ions, d.fasta_pattern)
     folds_file = RunDir(out).folds_file
-    fold_meta = {"num_folds": t["num_folds"], "seed": g["seed"], "ions": list(t["ions"]), "data": data_fingerprint(records)}
+    fold_meta = {"num_folds": t.num_folds, "seed": g.seed, "ions": list(t.ions), "data": data_fingerprint(records)}
     if folds_file.exists():
         assignment, saved = load_folds(folds_file)
         check_fold_meta(folds_file, saved, fold_meta)
@@ -43,13 +44,13 @@ def prepare_run(cfg: dict, ctx: DistContext, out: Path) -> RunData:
             raise DataError(f"{folds_file}: does not match the data ({'; '.join(problems[:5])}); use a new output_dir")
         log.info("reusing fold assignment from %s", folds_file)
     else:
-        assignment = assign_folds(records, t["num_folds"], g["seed"])
+        assignment = assign_folds(records, t.num_folds, g.seed)
     stats = {ion: ion_stats(recs) for ion, recs in records.items()}
     if ctx.is_main:
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        atomic_write_text(out / "config.yaml", cfg.dump_yaml())
         if not folds_file.exists():
             save_folds(folds_file, assignment, fold_meta)
-        fold_sizes = {str(k + 1): sum(1 for f in assignment.values() if f == k) for k in range(t["num_folds"])}
+        fold_sizes = {str(k + 1): sum(1 for f in assignment.values() if f == k) for k in range(t.num_folds)}
         atomic_write_json(out / "data_stats.json", {"ions": stats, "fold_sizes": fold_sizes})
         for ion, s in stats.items():
             log.info(
@@ -57,13 +58,13 @@ def prepare_run(cfg: dict, ctx: DistContext, out: Path) -> RunData:
                 ion, s["proteins"], s["labelled_proteins"], s["residues"], s["positive_rate"],
             )
     ctx.barrier("prepare_run")
-    provider = ContextProvider(d["msa_dir"]) if d["msa_dir"] else None
+    provider = ContextProvider(d.msa_dir) if d.msa_dir else None
     return RunData(
         records=records,
         assignment=assignment,
         provider=provider,
-        train_sampling=MSASampling.from_dict({**MSASampling().__dict__, **t["msa_sampling"]}),
-        val_sampling=MSASampling.from_dict({**MSASampling(128, 12288).__dict__, **t["validation_msa_sampling"]}),
+        train_sampling=t.msa_sampling,
+        val_sampling=t.validation_msa_sampling,
     )
 
 
@@ -94,17 +95,18 @@ def check_fold_meta(path: Path, saved: dict[str, Any], expected: dict[str, Any])
                             f"(or set {key} back to {have!r} to continue this run)")
 
 
-def run_cross_validation(cfg: dict, ctx: DistContext, resume: bool = False, restart_folds: bool = False) -> dict[str, Any] | None:
+def run_cross_validation(cfg: Recipe | dict, ctx: DistContext, resume: bool = False, restart_folds: bool = False) -> dict[str, Any] | None:
     """Train every requested fold (skipping completed ones), then summarise. Returns the summary (rank 0).
 
     A fold with a partial state (``fold_K/last`` or ``best`` without ``fold_result.json``) continues only
     with ``resume`` and starts over only with ``restart_folds``; otherwise this refuses, naming the fold.
     """
-    t = cfg["training"]
-    run = RunDir(Path(t["output_dir"]))
+    cfg = as_recipe(cfg)
+    t = cfg.training
+    run = RunDir(Path(t.output_dir))
     run.root.mkdir(parents=True, exist_ok=True)
     data = prepare_run(cfg, ctx, run.root)
-    folds = [f - 1 for f in (t["folds"] or range(1, t["num_folds"] + 1))]
+    folds = [f - 1 for f in (t.folds or range(1, t.num_folds + 1))]
     for fold in folds:
         k = fold + 1
         if run.fold_result(k).exists():
@@ -131,17 +133,18 @@ def run_cross_validation(cfg: dict, ctx: DistContext, resume: bool = False, rest
     return summary
 
 
-def train_run(cfg: dict, notes: list[str] = (), label: str = "", resume: bool = False, restart_folds: bool = False) -> dict[str, Any] | None:
+def train_run(cfg: Recipe | dict, notes: list[str] = (), label: str = "", resume: bool = False, restart_folds: bool = False) -> dict[str, Any] | None:
     """``e1min train`` after argument parsing: join the process group, lock the run directory, log, run.
 
     Rank 0 locks ``output_dir`` before anything (even ``training.log``) is written; every rank agrees on
     the outcome, so a refused lock stops all of them with the same error.
     """
+    cfg = as_recipe(cfg)
     if resume and restart_folds:
         raise RunStateError("--resume and --restart-fold exclude each other")
-    set_matmul_precision(cfg["model"]["matmul_precision"])
-    ctx = init_distributed(cfg["general"]["dist_timeout_seconds"], cfg["general"]["device"])
-    out = Path(cfg["training"]["output_dir"])
+    set_matmul_precision(cfg.model.matmul_precision)
+    ctx = init_distributed(cfg.general.dist_timeout_seconds, cfg.general.device)
+    out = Path(cfg.training.output_dir)
     lock = RunLock(out)
     try:
         error, removed = None, []
@@ -159,7 +162,7 @@ def train_run(cfg: dict, notes: list[str] = (), label: str = "", resume: bool = 
         if removed:
             log.info("removed %d temporary file(s) left by an interrupted save, e.g. %s", len(removed), removed[0])
         log.info("e1min train: %s, %d process(es) on %s, precision %s, float32 matmul precision %s", label, ctx.world_size,
-                 ctx.device, training_precision(ctx.device, cfg["training"]["bf16"]), cfg["model"]["matmul_precision"])
+                 ctx.device, training_precision(ctx.device, cfg.training.bf16), cfg.model.matmul_precision)
         return run_cross_validation(cfg, ctx, resume=resume, restart_folds=restart_folds)
     finally:
         lock.release()

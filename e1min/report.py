@@ -19,7 +19,7 @@ from e1min.data.fasta import DataError, Record
 from e1min.io import atomic_path, atomic_write_json, atomic_write_text, read_json_object
 from e1min.plotting import pyplot
 from e1min.run import RunDir, RunStateError
-from e1min.train_config import load_config
+from e1min.recipe import Recipe, load_recipe
 
 log = logging.getLogger("e1min")
 
@@ -134,7 +134,7 @@ def write_plots(plot_dir: Path, fold: int, history: list[dict], ions: Sequence[s
             plt.close(fig)
 
 
-def report_run(out: str | os.PathLike, cfg: dict | None = None, only_missing_plots: bool = False) -> dict[str, Any] | None:
+def report_run(out: str | os.PathLike, cfg: Recipe | dict | None = None, only_missing_plots: bool = False) -> dict[str, Any] | None:
     """Plots of every complete fold (from its metrics.jsonl) and the run summary, from what is on disk.
 
     ``e1min report RUN_DIR`` calls this, so a run killed after a fold still gets its plots and summary.
@@ -144,15 +144,17 @@ def report_run(out: str | os.PathLike, cfg: dict | None = None, only_missing_plo
         cfg_file = out / "config.yaml"
         if not cfg_file.exists():
             raise RunStateError(f"{out}: no config.yaml (not an e1min run directory)")
-        cfg, _ = load_config(cfg_file, check_files=False)
-    t = cfg["training"]
+        cfg, _ = load_recipe(cfg_file, check_files=False)
+    elif isinstance(cfg, dict):
+        cfg, _ = Recipe.from_dict(cfg, check_files=False)
+    t = cfg.training
     run = RunDir(out)
-    for k in range(1, t["num_folds"] + 1):
+    for k in range(1, t.num_folds + 1):
         history_file = run.metrics(k)
         if not run.fold_result(k).exists() or not history_file.exists():
             continue
         if only_missing_plots and (out / "plots" / f"curves_fold_{k}.csv").exists():
             continue
         history = [json.loads(line) for line in history_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        write_plots(out / "plots", k, history, t["ions"])
-    return summarise(out, t["ions"], t["num_folds"], t["threshold_method"])
+        write_plots(out / "plots", k, history, t.ions)
+    return summarise(out, t.ions, t.num_folds, t.threshold_method)

@@ -31,12 +31,18 @@ from e1min.heads import BindingModel, joint_loss, loss_sums
 from e1min.hub import load_model
 from e1min.io import atomic_write_json, atomic_write_text, dumps_json, format_duration
 from e1min.lora import apply_lora
+from e1min.recipe import Recipe
 from e1min.report import write_oof, write_plots
 from e1min.run import FoldState, RunDir
 from e1min.runtime import autocast, describe, training_precision
 from e1min.scoring import _precision, score_records, to_device
 
 log = logging.getLogger("e1min")
+
+
+def as_recipe(cfg: Recipe | dict) -> Recipe:
+    """A Recipe, from a Recipe or from the dict ``train_config.load_config`` returns (already validated)."""
+    return cfg if isinstance(cfg, Recipe) else Recipe.from_dict(cfg, check_files=False)[0]
 
 
 @dataclass
@@ -48,18 +54,16 @@ class RunData:
     val_sampling: MSASampling
 
 
-def build_model(cfg: dict, ctx: DistContext) -> BindingModel:
+def build_model(cfg: Recipe | dict, ctx: DistContext) -> BindingModel:
     """Base E1 (frozen, in the configured dtype) + LoRA + float32 ion heads on this rank's device."""
 
-    m, lo = cfg["model"], cfg["lora"]
-    backbone = load_model(m["checkpoint"], dtype=getattr(torch, m["dtype"]), device=ctx.device, revision=m["revision"])
-    torch.manual_seed(cfg["general"]["seed"])  # identical LoRA init on every rank (also broadcast below)
-    apply_lora(
-        backbone, r=lo["r"], alpha=lo["alpha"], dropout=lo["lora_dropout"], target_modules=tuple(lo["target_modules"]),
-        layers=lo["layers"], use_rslora=lo["use_rslora"], train_mlm_head=lo["train_mlm_head"],
-    )
-    backbone.set_gradient_checkpointing(m["gradient_checkpointing"])
-    model = BindingModel(backbone, list(cfg["training"]["ions"]), head_dropout=m["dropout"])
+    cfg = as_recipe(cfg)
+    m = cfg.model
+    backbone = load_model(m.checkpoint, dtype=getattr(torch, m.dtype), device=ctx.device, revision=m.revision)
+    torch.manual_seed(cfg.general.seed)  # identical LoRA init on every rank (also broadcast below)
+    apply_lora(backbone, **cfg.lora.apply_kwargs())
+    backbone.set_gradient_checkpointing(m.gradient_checkpointing)
+    model = BindingModel(backbone, list(cfg.training.ions), head_dropout=m.head_dropout)
     model.heads.to(ctx.device)
     return model
 
@@ -85,20 +89,21 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def epoch_plan(cfg: dict, data: RunData, train: dict[str, list[Record]], epoch: int) -> list[tuple[str, list[Example]]]:
+def epoch_plan(cfg: Recipe | dict, data: RunData, train: dict[str, list[Record]], epoch: int) -> list[tuple[str, list[Example]]]:
     """Every ion's training batches for one epoch, interleaved in a shuffled order (same on every rank)."""
-    d, t, seed = cfg["data"], cfg["training"], cfg["general"]["seed"]
+    cfg = as_recipe(cfg)
+    d, t, seed = cfg.data, cfg.training, cfg.general.seed
     batches_by_ion, examples_by_ion = {}, {}
     for ion, recs in train.items():
         examples = make_train_examples(
-            recs, ion, data.provider, data.train_sampling, seed, epoch, d["max_query_length"], d["max_example_tokens"]
+            recs, ion, data.provider, data.train_sampling, seed, epoch, d.max_query_length, d.max_example_tokens
         )
         lengths = [ex.num_tokens for ex in examples]
         ion_seed = stable_seed(seed, epoch, ion, "batches")
-        if t["max_tokens_per_batch"]:
-            batches_by_ion[ion] = token_budget_batches(lengths, t["max_tokens_per_batch"], seed=ion_seed)
+        if t.max_tokens_per_batch:
+            batches_by_ion[ion] = token_budget_batches(lengths, t.max_tokens_per_batch, seed=ion_seed)
         else:
-            batches_by_ion[ion] = fixed_size_batches(lengths, t["batch_size"], seed=ion_seed)
+            batches_by_ion[ion] = fixed_size_batches(lengths, t.batch_size, seed=ion_seed)
         examples_by_ion[ion] = examples
     plan = interleave(batches_by_ion, stable_seed(seed, epoch, "interleave"))
     return [(ion, [examples_by_ion[ion][i] for i in idx]) for ion, idx in plan]
@@ -184,34 +189,35 @@ def optimizer_step(
 class FoldTrainer:
     """Trains and validates one fold; owns the model, optimiser and the fold's output directory."""
 
-    def __init__(self, cfg: dict, ctx: DistContext, data: RunData, fold: int, out: Path):
+    def __init__(self, cfg: Recipe | dict, ctx: DistContext, data: RunData, fold: int, out: Path):
+        cfg = as_recipe(cfg)
         self.cfg, self.ctx, self.data, self.fold = cfg, ctx, data, fold  # fold is 0-based
         self.rundir = RunDir(out)
         self.dir = self.rundir.fold(fold + 1)
-        t = cfg["training"]
-        self.ions = list(t["ions"])
+        t = cfg.training
+        self.ions = list(t.ions)
         split_by_ion = {ion: split(recs, data.assignment, fold) for ion, recs in data.records.items()}
         self.train_records = {ion: s[0] for ion, s in split_by_ion.items()}
         self.val_records = {ion: [r for r in s[1] if r.labels is not None] for ion, s in split_by_ion.items()}
-        self.pos_weight = {ion: pos_weight(recs, t["pos_weight_mode"]) for ion, recs in self.train_records.items()}
+        self.pos_weight = {ion: pos_weight(recs, t.pos_weight_mode) for ion, recs in self.train_records.items()}
         self.model = build_model(cfg, ctx)
         self.params = [p for _, p in trainable(self.model)]
         ctx.broadcast_parameters(self.params)
-        self.optimizer = build_optimizer(self.model, t["learning_rate"], t["weight_decay"])
-        self.masking = MaskingConfig(probability=t["mlm_probability"], mask_context=t["mask_context"]) if t["mlm_weight"] > 0 and t["mlm_probability"] > 0 else None
-        self.precision = training_precision(ctx.device, t["bf16"])
-        self.loss_spec = LossSpec(self.pos_weight, t["mlm_weight"], t["focal_gamma"], self.masking is not None)
+        self.optimizer = build_optimizer(self.model, t.learning_rate, t.weight_decay)
+        self.masking = MaskingConfig(probability=t.mlm_probability, mask_context=t.mask_context) if t.mlm_weight > 0 and t.mlm_probability > 0 else None
+        self.precision = training_precision(ctx.device, t.bf16)
+        self.loss_spec = LossSpec(self.pos_weight, t.mlm_weight, t.focal_gamma, self.masking is not None)
         self.state = FoldState()
         self._last_val: dict[str, Any] | None = None
         self.val_examples = {
             ion: make_eval_examples(
-                recs, ion, data.provider, data.val_sampling, cfg["general"]["seed"], cfg["data"]["max_query_length"], cfg["data"]["max_example_tokens"]
+                recs, ion, data.provider, data.val_sampling, cfg.general.seed, cfg.data.max_query_length, cfg.data.max_example_tokens
             )
             for ion, recs in self.val_records.items()
         }
-        steps_per_epoch = math.ceil(math.ceil(len(epoch_plan(cfg, data, self.train_records, 0)) / ctx.world_size) / t["accum_steps"])
-        self.total_steps = steps_per_epoch * t["epochs"]
-        self.warmup_steps = max(1, round(steps_per_epoch * t["warmup_epochs"]))
+        steps_per_epoch = math.ceil(math.ceil(len(epoch_plan(cfg, data, self.train_records, 0)) / ctx.world_size) / t.accum_steps)
+        self.total_steps = steps_per_epoch * t.epochs
+        self.warmup_steps = max(1, round(steps_per_epoch * t.warmup_epochs))
         self.comm_bytes = 0
 
     @property
@@ -221,26 +227,26 @@ class FoldTrainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, resume: bool) -> dict[str, Any]:
-        t = self.cfg["training"]
+        t = self.cfg.training
         if resume and state_dir(self.rundir.state(self.fold + 1, "last")) is not None:
             meta = load_state(self.rundir.state(self.fold + 1, "last"), self.model, self.optimizer)
             self.state = FoldState.from_json(meta["trainer_state"])
             log.info("fold %d: resumed from %s at epoch %d", self.fold + 1, self.rundir.state(self.fold + 1, "last"), self.state.epoch + 1)
-        while self.state.epoch < t["epochs"]:
+        while self.state.epoch < t.epochs:
             epoch = self.state.epoch
             train_stats = self.train_epoch(epoch)
             val = self.validate()
             self.end_epoch(epoch, train_stats, val)
-            if self.ctx.any(self.state.bad_epochs >= t["early_stop_patience"], "early_stop"):
+            if self.ctx.any(self.state.bad_epochs >= t.early_stop_patience, "early_stop"):
                 log.info("fold %d: early stop after epoch %d (best epoch %d)", self.fold + 1, epoch + 1, self.state.best_epoch + 1)
                 break
         result = {"fold": self.fold + 1, "best_epoch": self.state.best_epoch + 1, "best_metric": self.state.best_metric,
-                  "selection_metric": t["selection_metric"], "complete": True}
+                  "selection_metric": t.selection_metric, "complete": True}
         if self.state.best_epoch < 0:
             # The selection metric was undefined (NaN) at every epoch: no positive residue in the held-out
             # fold, or an empty one. Keep the last epoch as best/ so the fold stays loadable, and say so.
             log.warning("fold %d: %s undefined at every epoch (no positive residue in the validation fold?); "
-                        "best/ holds the last epoch", self.fold + 1, t["selection_metric"])
+                        "best/ holds the last epoch", self.fold + 1, t.selection_metric)
             result.update(best_epoch=None, best_metric=None, selection="last epoch: selection metric undefined at every epoch")
             if self.ctx.is_main and self._last_val is not None:
                 save_state(self.rundir.state(self.fold + 1, "best"), self.model, self.meta({ion: v["metrics"] for ion, v in self._last_val.items()}))
@@ -252,32 +258,32 @@ class FoldTrainer:
         return result
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        cfg, ctx, t = self.cfg, self.ctx, self.cfg["training"]
+        cfg, ctx, t = self.cfg, self.ctx, self.cfg.training
         plan = epoch_plan(cfg, self.data, self.train_records, epoch)
         mine = shard(plan, ctx.rank, ctx.world_size)
-        n_windows = ctx.max_int(math.ceil(len(mine) / t["accum_steps"]), "steps_per_epoch")
+        n_windows = ctx.max_int(math.ceil(len(mine) / t.accum_steps), "steps_per_epoch")
         self.model.train()
         stats = torch.zeros(len(self.ions), 4, dtype=torch.float64)  # per ion: bce sum, bce tokens, mlm sum, mlm tokens
         tokens, t0 = 0, time.time()
         for w in range(n_windows):
-            window = mine[w * t["accum_steps"] : (w + 1) * t["accum_steps"]]
+            window = mine[w * t.accum_steps : (w + 1) * t.accum_steps]
             batches = [self.collate_train(item, epoch) for item in window]
             # Dropout RNG per global micro-batch (shard() deals plan entry j * world + rank to this rank's
             # j-th slot): NGPU=2 with accum 1 draws what one process with accum 2 draws, and a resumed
             # run draws what an uninterrupted one would.
-            seeds = [stable_seed(cfg["general"]["seed"], self.fold, epoch, "dropout", (w * t["accum_steps"] + j) * ctx.world_size + ctx.rank)
+            seeds = [stable_seed(cfg.general.seed, self.fold, epoch, "dropout", (w * t.accum_steps + j) * ctx.world_size + ctx.rank)
                      for j in range(len(window))]
             tokens += sum(int((b["sequence_ids"] >= 0).sum()) for b, _ in filter(None, batches))
             stats += backward_window(self.model, batches, ctx, self.loss_spec, self.precision, seeds=seeds)
             self.optimizer_step()
-            if cfg["general"]["check_replicas_every"] and self.state.step % cfg["general"]["check_replicas_every"] == 0:
+            if cfg.general.check_replicas_every and self.state.step % cfg.general.check_replicas_every == 0:
                 ctx.check_replicas(self.params, self.state.step)
-            if ctx.is_main and ((w + 1) % cfg["general"]["log_every"] == 0 or w + 1 == n_windows):
+            if ctx.is_main and ((w + 1) % cfg.general.log_every == 0 or w + 1 == n_windows):
                 elapsed = time.time() - t0
                 s = stats.sum(0)
                 log.info(
                     "fold %d epoch %d/%d step %d/%d | bce %.4f mlm %.4f (rank 0) | lr %.2e | %.0f tok/s | ETA %s",
-                    self.fold + 1, epoch + 1, t["epochs"], w + 1, n_windows, s[0] / max(1.0, s[1]), s[2] / max(1.0, s[3]),
+                    self.fold + 1, epoch + 1, t.epochs, w + 1, n_windows, s[0] / max(1.0, s[1]), s[2] / max(1.0, s[3]),
                     self.optimizer.param_groups[0]["lr"], tokens * ctx.world_size / max(elapsed, 1e-9),
                     format_duration(elapsed / (w + 1) * (n_windows - w - 1)),
                 )
@@ -294,14 +300,14 @@ class FoldTrainer:
         if item is None:
             return None  # this rank has fewer batches: an empty step that still joins the all-reduce
         ion, examples = item
-        t = self.cfg["training"]
-        batch = collate(examples, masking=self.masking, seed=self.cfg["general"]["seed"], epoch=epoch, label_smoothing=t["label_smoothing"])
+        t = self.cfg.training
+        batch = collate(examples, masking=self.masking, seed=self.cfg.general.seed, epoch=epoch, label_smoothing=t.label_smoothing)
         return batch, ion
 
     def optimizer_step(self) -> None:
-        t = self.cfg["training"]
-        lr = lr_at(self.state.step, self.total_steps, self.warmup_steps, t["learning_rate"], t["min_lr"])
-        self.comm_bytes = optimizer_step(self.params, self.optimizer, self.ctx, t["max_grad_norm"], lr)
+        t = self.cfg.training
+        lr = lr_at(self.state.step, self.total_steps, self.warmup_steps, t.learning_rate, t.min_lr)
+        self.comm_bytes = optimizer_step(self.params, self.optimizer, self.ctx, t.max_grad_norm, lr)
         self.state.step += 1
 
     # -- validation ----------------------------------------------------------------------------
@@ -310,7 +316,7 @@ class FoldTrainer:
         out = {}
         for ion in self.ions:
             probs = predict_records(self.model, self.val_records[ion], self.val_examples[ion], ion, self.ctx,
-                                    self.cfg["training"]["eval_max_tokens_per_batch"], self.precision)
+                                    self.cfg.training.eval_max_tokens_per_batch, self.precision)
             y = np.concatenate([r.labels for r in self.val_records[ion]]) if self.val_records[ion] else np.zeros(0)
             p = np.concatenate(probs) if probs else np.zeros(0)
             m = metrics.binary_metrics(y, p)
@@ -319,13 +325,13 @@ class FoldTrainer:
         return out
 
     def end_epoch(self, epoch: int, train_stats: dict, val: dict) -> None:
-        t, st = self.cfg["training"], self.state
+        t, st = self.cfg.training, self.state
         self._last_val = val
-        key = "auprc" if t["selection_metric"] == "auprc" else "hra"
+        key = "auprc" if t.selection_metric == "auprc" else "hra"
         per_ion = {ion: v["metrics"] for ion, v in val.items()}
         values = [m[key] for m in per_ion.values() if not math.isnan(m[key])]
         score = float(np.mean(values)) if values else float("nan")
-        improved = not math.isnan(score) and score > st.best_metric + t["min_delta"]
+        improved = not math.isnan(score) and score > st.best_metric + t.min_delta
         record = {"fold": self.fold + 1, "epoch": epoch + 1, "step": st.step, f"mean_{key}": score, "improved": improved,
                   **train_stats, "val": {ion: _json_metrics(m) for ion, m in per_ion.items()}}
         st.history.append(record)
@@ -350,12 +356,12 @@ class FoldTrainer:
     def meta(self, per_ion: dict) -> dict[str, Any]:
         c = self.cfg
         return {
-            "fold": self.fold + 1, "epoch": self.state.epoch, "ions": self.ions, "seed": c["general"]["seed"],
-            "base_model": _base_model_id(c["model"]["checkpoint"]), "base_revision": c["model"]["revision"],
+            "fold": self.fold + 1, "epoch": self.state.epoch, "ions": self.ions, "seed": c.general.seed,
+            "base_model": _base_model_id(c.model.checkpoint), "base_revision": c.model.revision,
             "base_config": self.model.backbone.config.to_dict(),
-            "lora": {k: c["lora"][k] for k in ("r", "alpha", "lora_dropout", "target_modules", "train_mlm_head", "use_rslora", "layers")},
-            "head_dropout": c["model"]["dropout"], "max_query_length": c["data"]["max_query_length"],
-            "max_example_tokens": c["data"]["max_example_tokens"], "validation_msa_sampling": self.data.val_sampling.__dict__,
+            "lora": c.to_dict()["lora"],
+            "head_dropout": c.model.head_dropout, "max_query_length": c.data.max_query_length,
+            "max_example_tokens": c.data.max_example_tokens, "validation_msa_sampling": self.data.val_sampling.__dict__,
             "metrics": {ion: _json_metrics(m) for ion, m in per_ion.items()},
             "runtime": describe(self.ctx.device, self.precision),
         }
