@@ -5,13 +5,21 @@ Fixtures live in conftest.py; everything here is a plain function that tests imp
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 import yaml
 
 from e1min.config import preset
 from e1min.data.fasta import Record, write_fasta
+from e1min.predict import predict_main
 from e1min.random_checkpoint import write_random_checkpoint
 from e1min.train import main as train_main
 
@@ -93,3 +101,70 @@ def build_run(root: Path) -> Path:
     cfg_path.write_text(yaml.safe_dump(cfg))
     train_main(["--config", str(cfg_path)])
     return run
+
+
+def read_tsv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def write_text_fasta(tmp_path: Path, text: str, name: str = "in.fasta") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def copy_fold(run_dir: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "fold"
+    shutil.copytree(run_dir / "fold_1/best", dst)
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    predict_main(argv)
+
+
+# Module-scoped autouse fixtures for the prediction tests (import them into a test module to use them).
+@pytest.fixture(autouse=True, scope="module")
+def host_reports_native_bf16():
+    """Every test here runs as on a CPU with native bf16: precision must still default to float32 (the
+    float32 references below hold on every machine). tests/test_runtime.py covers the other outcome."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("e1min.runtime.cpu_has_native_bf16", lambda: True)
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a busy 2-core box OpenMP spinning makes 2 threads ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def strict_json_load(path: Path, text: str):
+    def reject(token: str):
+        raise AssertionError(f"{path}: non-standard JSON constant {token}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def parse_every_json(root: Path) -> int:
+    """Parse every *.json / *.jsonl under ``root`` with a parser that rejects NaN/Infinity; returns the file count."""
+    n = 0
+    for path in sorted(root.rglob("*.json")) + sorted(root.rglob("*.jsonl")):
+        text = path.read_text()
+        lines = text.splitlines() if path.suffix == ".jsonl" else [text]
+        for line in lines:
+            strict_json_load(path, line)
+        n += 1
+    return n

@@ -130,3 +130,14 @@ def test_replica_divergence_detected(tmp_path):
     for r in range(2):
         msg = (tmp_path / f"rep.{r}").read_text()
         assert msg.startswith("DistributedError") and "diverged" in msg and "step 2" in msg
+
+
+def test_replica_checksum_stays_on_the_parameters_device():
+    """check_replicas must not mix a CPU tensor into CUDA parameters (NCCL): shown on the meta device."""
+    from e1min.dist import replica_checksum
+
+    params = [torch.empty(3, 4, device="meta"), torch.empty(5, device="meta")]
+    out = replica_checksum(params)
+    assert out.device.type == "meta" and out.shape == (2,) and out.dtype == torch.float64
+    cpu = replica_checksum([torch.ones(3, 4), torch.full((5,), 2.0)])
+    assert cpu.tolist() == [22.0, 0.0]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from e1min.io import OutputError, atomic_write_text, check_output_dir, check_output_file, make_temp_dir
@@ -78,3 +80,12 @@ def test_saved_state_directories_follow_the_umask(tmp_path, umask_022, tiny_mode
     save_state(tmp_path / "best", model, {"base_model": "x", "ions": ["ZN"]})
     assert _mode(tmp_path / "best") == 0o755
     assert {p.name: _mode(p) for p in (tmp_path / "best").iterdir()} == {p.name: 0o644 for p in (tmp_path / "best").iterdir()}
+
+
+def test_strict_json_writer_turns_non_finite_into_null(tmp_path):
+    from e1min.io import atomic_write_json, nan_if_none
+
+    atomic_write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": np.float32(2.0)})
+    doc = json.loads((tmp_path / "x.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
+    assert doc == {"a": None, "b": [None, None, 1.5], "c": 2.0}
+    assert np.isnan(nan_if_none(doc["a"])) and nan_if_none(doc["b"][2]) == 1.5

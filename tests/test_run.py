@@ -13,7 +13,6 @@ import pytest
 
 from e1min.run import LOCK_FILE, RunLock, RunLockError, RunStateError, remove_temporaries
 from e1min.train import main as train_main
-from e1min.train import report_main
 from tests.helpers import toy_config
 
 
@@ -73,17 +72,3 @@ def test_leftovers_of_interrupted_saves_are_removed_at_the_next_start(tmp_path, 
     assert sorted(p.name for p in remove_temporaries(out)) == []
 
 
-def test_report_regenerates_plots_and_summary(tmp_path, tiny_checkpoint, capsys):
-    cfg = toy_config(tmp_path, tiny_checkpoint, training={"epochs": 1})
-    assert train_main(["--config", str(cfg)]) == 0
-    out = tmp_path / "out"
-    shutil.rmtree(out / "plots")
-    for name in ("summary.json", "summary.md", "thresholds.json"):
-        (out / name).unlink()
-    capsys.readouterr()
-    assert report_main([str(out)]) == 0
-    assert (out / "plots/curves_fold_1.csv").exists() and (out / "summary.json").exists()
-    assert "Cross-validation summary over folds 1" in capsys.readouterr().out
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(RunStateError, match="no config.yaml"):
-        report_main([str(tmp_path / "empty")])
