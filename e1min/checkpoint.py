@@ -88,6 +88,11 @@ def state_dir(directory: str | os.PathLike) -> Path | None:
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     """checkpoint.json of a state directory, checked by ``validate_meta``; clear errors for missing/bad files."""
+    return read_state_meta(directory)[1]
+
+
+def read_state_meta(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(the usable state directory (see ``state_dir``), its checked checkpoint.json)."""
     d = state_dir(directory)
     if d is None:
         raise RunCheckpointError(f"{directory}: no {META_FILE} (not a completed e1min checkpoint)")
@@ -99,8 +104,7 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     except OSError as e:
         raise RunCheckpointError(f"{path}: unreadable ({e.strerror or e})") from None
     validate_meta(meta, path)
-    meta["_dir"] = str(d)
-    return meta
+    return d, meta
 
 
 def _int(lo: int | None = None) -> tuple[Callable[[Any], bool], str]:
@@ -194,8 +198,8 @@ def _fold_state_fields() -> set[str]:
     import dataclasses
 
     try:
-        from e1min.train import FoldState
-    except ImportError:  # pragma: no cover - train's optional dependencies missing
+        from e1min.run import FoldState
+    except ImportError:  # pragma: no cover
         return set()
     return {f.name for f in dataclasses.fields(FoldState)}
 
@@ -249,8 +253,7 @@ def check_resume_state(directory: str | os.PathLike, model: torch.nn.Module, opt
     optimizer's parameters (names, shapes, finite values, param_groups). Adapter files are checked by
     ``load_adapter``, which also leaves the model untouched on error.
     """
-    meta = read_meta(directory)
-    d = Path(meta["_dir"])
+    d, meta = read_state_meta(directory)
     if "trainer_state" not in meta:
         raise RunCheckpointError(f"{d / META_FILE}: missing field 'trainer_state' (not a resumable last/ state)")
     read_heads(d, model)
@@ -266,8 +269,7 @@ def load_state(directory: str | os.PathLike, model: torch.nn.Module, optimizer: 
     """
     from e1min.adapters import load_adapter
 
-    meta = read_meta(directory)
-    d = Path(meta["_dir"])
+    d, meta = read_state_meta(directory)
     opt_state = None
     if optimizer is not None:
         if "trainer_state" not in meta:

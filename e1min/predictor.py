@@ -34,7 +34,7 @@ from e1min.data.msa import VALIDATION_SAMPLING, ContextProvider, MSASampling
 from e1min.errors import E1minError
 from e1min.heads import BindingModel
 from e1min.hub import CONFIG_NAME, load_model, resolve_checkpoint
-from e1min.lora import lora_modules, lora_state_dict, merge_lora
+from e1min.lora import load_lora_state_dict, lora_state_dict, merge_lora
 from e1min.run import RunDir
 from e1min.runtime import describe, inference_precision, parse_precision, resolve_device
 from e1min.scoring import score_records
@@ -112,11 +112,8 @@ class Predictor:
         if self.merged:
             raise RuntimeError("cannot switch folds of a merged model")
         w = self.folds[k]
-        mods = lora_modules(self.model.backbone)
+        load_lora_state_dict(self.model.backbone, w.lora)
         with torch.no_grad():
-            for key, t in w.lora.items():
-                module, _, ab = key.rpartition(".")
-                getattr(mods[module], ab).copy_(t)
             if w.mlm_head:
                 head = self.model.backbone.mlm_head.state_dict()
                 for key, t in w.mlm_head.items():
@@ -230,7 +227,7 @@ def _check_meta(meta: dict, d: Path) -> None:
         raise RunCheckpointError(f"{d / META_FILE}: missing key(s) {missing}")
 
 
-def _load_base(meta: dict, base_model: str | os.PathLike | None, device: torch.device, dtype: torch.dtype | None):
+def _load_base(d: Path, meta: dict, base_model: str | os.PathLike | None, device: torch.device, dtype: torch.dtype | None):
     """The base E1 named by checkpoint.json (or ``base_model``), after checking it has the trained shape."""
 
     name = str(base_model) if base_model is not None else meta["base_model"]
@@ -244,30 +241,32 @@ def _load_base(meta: dict, base_model: str | os.PathLike | None, device: torch.d
     diff = [f"{k}: trained on {trained.get(k)}, base has {getattr(config, k)}" for k in SHAPE_KEYS if k in trained and trained[k] != getattr(config, k)]
     if diff:
         raise RunCheckpointError(
-            f"{meta['_dir']}: the adapter was trained on a base model of another shape than {name} ({'; '.join(diff)}); "
+            f"{d}: the adapter was trained on a base model of another shape than {name} ({'; '.join(diff)}); "
             f"pass the base model it was trained on with --base-model"
         )
     return load_model(directory, dtype=dtype or torch.float32, device=device)
 
 
-def _build(metas: list[dict], base_model, device, dtype, precision: str | None, merge: bool, names: list[str], run_dir: Path | None) -> Predictor:
+def _build(states: list[tuple[Path, dict]], base_model, device, dtype, precision: str | None, merge: bool, names: list[str],
+           run_dir: Path | None) -> Predictor:
+    """One BindingModel for the state directories ``states`` ((directory, checkpoint.json) of each fold)."""
     device = resolve_device(device)
-    first = metas[0]
+    first_dir, first = states[0]
     ions = list(first["ions"])
-    for m in metas[1:]:
+    for d, m in states[1:]:
         for key in ("ions", "base_model", "base_revision", "base_config", "lora", "max_query_length", "max_example_tokens"):
             if m.get(key) != first.get(key):
-                raise RunCheckpointError(f"{m['_dir']}: {key} differs from {first['_dir']} ({m.get(key)!r} vs {first.get(key)!r}); folds of one run must agree")
-    backbone = _load_base(first, base_model, device, dtype)
+                raise RunCheckpointError(f"{d}: {key} differs from {first_dir} ({str(m.get(key))[:80]!r} vs {str(first.get(key))[:80]!r}); "
+                                         "folds of one run must agree")
+    backbone = _load_base(first_dir, first, base_model, device, dtype)
     model = BindingModel(backbone, ions, head_dropout=0.0)
     model.heads.to(device)
     model.eval()
     folds: list[_FoldWeights] = []
-    for m, name in zip(metas, names):
-        d = Path(m["_dir"])
+    for (d, _), name in zip(states, names):
         load_adapter(backbone, d)  # first call applies LoRA; later calls check the config and copy
         load_heads(d, model)
-        if len(metas) > 1:
+        if len(states) > 1:
             mlm = {k: v.detach().clone() for k, v in backbone.mlm_head.state_dict().items()} if backbone.lora_config.train_mlm_head else {}
             folds.append(_FoldWeights(name, {k: v.clone() for k, v in lora_state_dict(backbone).items()}, mlm,
                                       {k: v.detach().clone() for k, v in model.heads.state_dict().items()}))
@@ -275,7 +274,7 @@ def _build(metas: list[dict], base_model, device, dtype, precision: str | None, 
     for p in model.parameters():
         p.requires_grad_(False)
     merged = False
-    if len(metas) == 1 and merge:
+    if len(states) == 1 and merge:
         merge_lora(backbone)
         merged = True
     pred = Predictor(model=model, ions=ions, thresholds=_read_thresholds(run_dir), meta=first, device=device,
@@ -307,7 +306,7 @@ def load_checkpoint(
     _check_state_files(d)
     meta = read_meta(d)
     _check_meta(meta, d)
-    return _build([meta], base_model, device, dtype, _requested(precision, bf16), merge, [str(d)], _find_run_dir(d))
+    return _build([(d, meta)], base_model, device, dtype, _requested(precision, bf16), merge, [str(d)], _find_run_dir(d))
 
 
 def _requested(precision: str | None, bf16: bool | None) -> str | None:
@@ -361,14 +360,14 @@ def load_ensemble(
         missing = [f for f in chosen if f not in available]
         if missing:
             raise RunCheckpointError(f"{root}: fold(s) {missing} not complete; complete folds: {available or 'none'}")
-    metas = []
+    states = []
     for k in chosen:
         d = _resolve_state(RunDir(root).fold(k))
         _check_state_files(d)
         meta = read_meta(d)
         _check_meta(meta, d)
-        metas.append(meta)
-    return _build(metas, base_model, device, dtype, _requested(precision, bf16), merge, [f"fold_{k}" for k in chosen], root)
+        states.append((d, meta))
+    return _build(states, base_model, device, dtype, _requested(precision, bf16), merge, [f"fold_{k}" for k in chosen], root)
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:

@@ -41,7 +41,7 @@ def read_oof(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     with open(path) as fh:
         header = fh.readline()
         if header != OOF_HEADER:
-            raise ValueError(f"{path}: unexpected header {header.strip()!r}")
+            raise DataError(f"{path}: unexpected header {header.strip()!r}")
         for line in fh:
             _, _, _, ion, prob, label = line.rstrip("\n").split("\t")
             ys, ps = by_ion.setdefault(ion, ([], []))
