@@ -254,6 +254,57 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ check-data, verify
+def _add_check_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (YAML)")
+
+
+def _run_check_data(args: argparse.Namespace) -> int:
+    """Exit 1 listing every problem (config and inputs) at once, 0 when all is well."""
+    from e1min.data.check import check_data
+    from e1min.recipe import TrainConfigError, load_recipe
+
+    try:
+        # The same validation as train; file checks are check_data's, so every problem is reported at once.
+        recipe, notes = load_recipe(args.config, args.set, check_files=False)
+    except TrainConfigError as e:
+        print(f"e1min check-data: {e}", file=sys.stderr)
+        return 1
+    d, t = recipe.data, recipe.training
+    report, problems = check_data(d.fasta_path, list(t.ions), d.fasta_pattern, d.msa_dir, t.num_folds, recipe.general.seed)
+    for n in notes:
+        print(n)
+    print(report)
+    if problems:
+        print(f"e1min check-data: {len(problems)} problem(s) in the inputs of {args.config}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_verify_lora(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory or Hub id (default: a tiny random E1)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--r", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--alpha", type=float, default=8.0, help="LoRA alpha (default 8)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="base weight dtype (default float32)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_verify_lora(args: argparse.Namespace) -> int:
+    from e1min.verify import run_checks
+
+    print(f"verify-lora on {args.checkpoint or 'tiny random E1'} ({args.dtype}, {args.device}, r={args.r}, alpha={args.alpha:g})")
+    results = run_checks(args.checkpoint, r=args.r, alpha=args.alpha, dtype=getattr(torch, args.dtype), device=args.device,
+                         seed=args.seed, revision=args.revision)
+    for res in results:
+        print(res)
+    failed = sum(not r.passed for r in results)
+    print(f"{len(results) - failed}/{len(results)} checks passed")
+    return 1 if failed else 0
+
+
 # ------------------------------------------------------------------------------------------ info
 def _add_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="local directory or Hub repo id (e.g. Profluent-Bio/E1-150m)")
@@ -280,13 +331,15 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ the command
-# name -> (help, add_arguments, run). check-data and verify-lora keep their own parsers for now (see below).
+# name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("joint LoRA + ion-head training with K-fold cross-validation", _add_train, _run_train),
     "report": ("regenerate a run's plots, thresholds and summary from its files", _add_report, _run_report),
     "predict": ("per-residue binding probabilities for a FASTA file", _add_predict, _run_predict),
     "evaluate": ("predict on a labelled FASTA and report metrics", _add_evaluate, _run_evaluate),
     "embed": ("per-residue and mean-pooled embeddings to safetensors", _add_embed, _run_embed),
+    "check-data": ("validate every input a config names, print statistics", _add_check_data, _run_check_data),
+    "verify-lora": ("unit-level LoRA checks (tiny random model by default)", _add_verify_lora, _run_verify_lora),
     "info": ("print a checkpoint's config, parameter count, dtype and layer types", _add_info, _run_info),
 }
 DESCRIPTIONS = {
@@ -302,11 +355,6 @@ DESCRIPTIONS = {
     "OUT/embeddings-00001.safetensors ... (key {id}: mean over residues), with --per-residue also OUT/residues-00001.safetensors "
     "... (key {id}: per residue), and OUT/index.json (id -> shard). Single sequence (no MSA context); runs in one process.",
 }
-# Commands whose module still owns its parser: (module, function, help).
-FORWARDED: dict[str, tuple[str, str, str]] = {
-    "check-data": ("e1min.data.check", "main", "validate every input a config names, print statistics"),
-    "verify-lora": ("e1min.verify", "main", "unit-level LoRA checks (tiny random model by default)"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,8 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=DESCRIPTIONS.get(name, help_text))
         add(cmd)
         cmd.set_defaults(run=run)
-    for name, (_, _, help_text) in FORWARDED.items():
-        sub.add_parser(name, help=help_text, add_help=False)  # listed in --help; parsed by the module itself
     return p
 
 
@@ -346,12 +392,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from e1min.dist import exit_code_for_launcher
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in FORWARDED:
-        import importlib
-
-        module, func, _ = FORWARDED[argv[0]]
-        entry = getattr(importlib.import_module(module), func)
-        return exit_code_for_launcher(run_guarded(argv[0], entry, argv[1:]))
     args = build_parser().parse_args(argv)
     return exit_code_for_launcher(run_guarded(args.command, args.run, args))
 

@@ -7,7 +7,6 @@ run in the test suite (``tests/test_verify.py``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from dataclasses import dataclass
@@ -282,25 +281,10 @@ def run_checks(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="e1min verify-lora", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory or Hub id (default: a tiny random E1)")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--r", type=int, default=4, help="LoRA rank (default 4)")
-    p.add_argument("--alpha", type=float, default=8.0, help="LoRA alpha (default 8)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="base weight dtype (default float32)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    what = args.checkpoint or "tiny random E1"
-    print(f"verify-lora on {what} ({args.dtype}, {args.device}, r={args.r}, alpha={args.alpha:g})")
-    results = run_checks(
-        args.checkpoint, r=args.r, alpha=args.alpha, dtype=getattr(torch, args.dtype), device=args.device, seed=args.seed, revision=args.revision
-    )
-    for res in results:
-        print(res)
-    failed = sum(not r.passed for r in results)
-    print(f"{len(results) - failed}/{len(results)} checks passed")
-    return 1 if failed else 0
+    """``e1min verify-lora ARGS`` (arguments are parsed in ``e1min.cli``)."""
+    from e1min.cli import command
+
+    return command("verify-lora")(argv)
 
 
 if __name__ == "__main__":

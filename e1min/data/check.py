@@ -89,29 +89,7 @@ def check_data(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``e1min check-data --config CONFIG [--set k=v]``: exit 1 listing every problem, 0 when all is well."""
-    import argparse
-    import sys
+    """``e1min check-data ARGS`` (arguments are parsed in ``e1min.cli``)."""
+    from e1min.cli import command
 
-    from e1min.train_config import TrainConfigError, load_config
-
-    p = argparse.ArgumentParser(prog="e1min check-data", description="Validate every input a training config names.")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = p.parse_args(argv)
-    problems: list[str] = []
-    try:
-        # File checks are ours below, so that every problem is reported at once.
-        cfg, notes = load_config(args.config, args.set, check_files=False)
-    except TrainConfigError as e:
-        print(f"e1min check-data: {e}", file=sys.stderr)
-        return 1
-    d, t = cfg["data"], cfg["training"]
-    report, problems = check_data(d["fasta_path"], t["ions"], d["fasta_pattern"], d["msa_dir"], t["num_folds"], cfg["general"]["seed"])
-    for n in notes:
-        print(n)
-    print(report)
-    if problems:
-        print(f"e1min check-data: {len(problems)} problem(s) in the inputs of {args.config}", file=sys.stderr)
-        return 1
-    return 0
+    return command("check-data")(argv)
