@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
@@ -31,16 +31,6 @@ class MaskingConfig:
                 raise DataError(f"masking: {name!r} must be in [0, 1], got {getattr(self, name)}")
         if self.mask_fraction + self.random_fraction > 1.0 + 1e-9:
             raise DataError(f"masking: 'mask_fraction' + 'random_fraction' must not exceed 1, got {self.mask_fraction} + {self.random_fraction}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "MaskingConfig":
-        """From a config mapping; unknown keys are an error."""
-        d = dict(d or {})
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(allowed))
-        if unknown:
-            raise DataError(f"unknown masking setting(s) {unknown}; allowed: {allowed}")
-        return cls(**d)
 
 
 def mask_row(
@@ -70,7 +60,7 @@ def collate(
     """Batch examples of one ion into padded (B, L) tensors for the joint BCE + MLM loss.
 
     ``binding_mask``: query residues of labelled rows inside the example's keep span, minus MLM
-    positions. ``score_mask``: query residues inside the keep span, every row (for prediction).
+    positions (scoring reads ``query_residue_mask`` and stitches keep spans in ``windows``).
     ``masking=None`` leaves the input uncorrupted (validation, prediction). Label smoothing applies
     to whatever is passed; the caller passes 0 outside training.
     """
@@ -98,16 +88,12 @@ def collate(
     mlm_labels = torch.full((bsz, length), IGNORE_INDEX, dtype=torch.long)
     binding_labels = torch.zeros((bsz, length), dtype=torch.float32)
     binding_mask = torch.zeros((bsz, length), dtype=torch.bool)
-    score_mask = torch.zeros((bsz, length), dtype=torch.bool)
-    residue_index = torch.full((bsz, length), -1, dtype=torch.long)
     for b, (ex, enc, mlm) in enumerate(zip(examples, encoded, mlm_rows)):
         n = len(enc["input_ids"])
         mlm_labels[b, :n] = mlm
         q0 = n - RESIDUE_OFFSET - len(ex.query)  # first query residue token
         q1 = q0 + len(ex.query)
-        residue_index[b, q0:q1] = torch.arange(ex.offset, ex.offset + len(ex.query))
         k0, k1 = q0 + ex.keep_start - ex.offset, q0 + ex.keep_end - ex.offset
-        score_mask[b, k0:k1] = True
         if ex.labels is not None:
             y = torch.from_numpy(ex.labels.astype("float32"))
             binding_labels[b, q0:q1] = y * (1.0 - label_smoothing) + label_smoothing / 2 if label_smoothing else y
@@ -116,9 +102,7 @@ def collate(
     batch.update(
         binding_labels=binding_labels,
         binding_mask=binding_mask,
-        score_mask=score_mask,
         mlm_labels=mlm_labels,
-        residue_index=residue_index,
         ion=examples[0].ion,
         protein_ids=[ex.protein_id for ex in examples],
     )

@@ -11,7 +11,7 @@ import numpy as np
 from e1min.data.fasta import DataError, Record, ion_fasta_path, read_fasta
 from e1min.data.msa import ContextProvider, MSASampling
 from e1min.data.seeding import stable_seed
-from e1min.data.windows import random_crop, sliding_windows
+from e1min.data.windows import random_crop, sliding_windows, stitch_predictions  # noqa: F401 (re-exported)
 from e1min.tokenizer import SPECIALS_PER_SEQUENCE
 
 REE_PARTS = ("LREE", "HREE")
@@ -208,26 +208,4 @@ def make_eval_examples(
                     protein_length=len(r.sequence),
                 )
             )
-    return out
-
-
-def stitch_predictions(examples: Sequence[Example], predictions: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-protein arrays from per-example predictions over each example's query residues."""
-    if len(examples) != len(predictions):
-        raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
-    out: dict[str, np.ndarray] = {}
-    covered: dict[str, np.ndarray] = {}
-    for ex, pred in zip(examples, predictions):
-        pred = np.asarray(pred)
-        if len(pred) != len(ex.query):
-            raise ValueError(f"{ex.protein_id}: {len(pred)} predictions for a {len(ex.query)}-residue window")
-        if ex.protein_id not in out:
-            out[ex.protein_id] = np.zeros((ex.protein_length, *pred.shape[1:]), dtype=pred.dtype)
-            covered[ex.protein_id] = np.zeros(ex.protein_length, dtype=np.int64)
-        a, b = ex.keep_start - ex.offset, ex.keep_end - ex.offset
-        out[ex.protein_id][ex.keep_start : ex.keep_end] = pred[a:b]
-        covered[ex.protein_id][ex.keep_start : ex.keep_end] += 1
-    for pid, c in covered.items():
-        if not np.all(c == 1):
-            raise ValueError(f"{pid}: windows do not cover every residue exactly once")
     return out

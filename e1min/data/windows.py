@@ -1,4 +1,4 @@
-"""Windows over long queries: random training crops, sliding evaluation windows, stitching."""
+"""Windows over long queries: random training crops, sliding evaluation windows, and stitching them back."""
 
 from __future__ import annotations
 
@@ -56,20 +56,27 @@ def random_crop(length: int, max_len: int | None, labels: np.ndarray | None, rng
     return start, start + max_len
 
 
-def stitch(windows: Sequence[Window], predictions: Sequence[np.ndarray], length: int | None = None) -> np.ndarray:
-    """Assemble per-window predictions (first axis = window residues) into one per-residue array."""
-    if len(windows) != len(predictions) or not windows:
-        raise ValueError(f"{len(windows)} windows but {len(predictions)} predictions")
-    length = max(w.keep_end for w in windows) if length is None else length
-    first = np.asarray(predictions[0])
-    out = np.zeros((length, *first.shape[1:]), dtype=first.dtype)
-    covered = np.zeros(length, dtype=np.int64)
-    for w, p in zip(windows, predictions):
-        p = np.asarray(p)
-        if len(p) != w.end - w.start:
-            raise ValueError(f"window [{w.start}, {w.end}) got {len(p)} predictions")
-        out[w.keep_start : w.keep_end] = p[w.keep_start - w.start : w.keep_end - w.start]
-        covered[w.keep_start : w.keep_end] += 1
-    if not np.all(covered == 1):
-        raise ValueError("windows do not partition the sequence (a residue is scored 0 or 2+ times)")
+def stitch_predictions(examples: Sequence, predictions: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-protein arrays from per-example predictions over each example's query window (the one stitching path).
+
+    Each example (``dataset.Example``) scores residues ``[keep_start, keep_end)`` of its protein; the keep
+    spans of a protein's windows must partition it (every residue exactly once), else ValueError.
+    """
+    if len(examples) != len(predictions):
+        raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
+    out: dict[str, np.ndarray] = {}
+    covered: dict[str, np.ndarray] = {}
+    for ex, pred in zip(examples, predictions):
+        pred = np.asarray(pred)
+        if len(pred) != len(ex.query):
+            raise ValueError(f"{ex.protein_id}: {len(pred)} predictions for a {len(ex.query)}-residue window")
+        if ex.protein_id not in out:
+            out[ex.protein_id] = np.zeros((ex.protein_length, *pred.shape[1:]), dtype=pred.dtype)
+            covered[ex.protein_id] = np.zeros(ex.protein_length, dtype=np.int64)
+        a, b = ex.keep_start - ex.offset, ex.keep_end - ex.offset
+        out[ex.protein_id][ex.keep_start : ex.keep_end] = pred[a:b]
+        covered[ex.protein_id][ex.keep_start : ex.keep_end] += 1
+    for pid, c in covered.items():
+        if not np.all(c == 1):
+            raise ValueError(f"{pid}: windows do not cover every residue exactly once")
     return out

@@ -25,12 +25,11 @@ def test_label_alignment_single_and_multi_sequence():
             t = query_start + i + 2
             assert batch["binding_labels"][row, t] == ex.labels[i]
             assert batch["input_ids"][row, t] == enc["input_ids"][t]
-            assert batch["residue_index"][row, t] == ex.offset + i
         assert batch["binding_mask"][row].sum() == len(ex.query)
         assert torch.equal(batch["binding_mask"][row], batch["query_residue_mask"][row])
     assert batch["input_ids"].shape == (2, 4 + 10 + 4 + 3 + 4 + 5)
     assert batch["sequence_ids"][0, -1] == -1 and batch["input_ids"][0, -1] == 0  # padding
-    assert batch["residue_index"][0][~batch["query_residue_mask"][0]].eq(-1).all()
+    assert not batch["binding_mask"][0][~batch["query_residue_mask"][0]].any()
     assert (batch["mlm_labels"] == IGNORE_INDEX).all()
     assert batch["ion"] == "ZN" and batch["protein_ids"] == ["a", "b"]
 
@@ -102,7 +101,7 @@ def test_unlabelled_rows_are_mlm_only_and_smoothing():
     batch = collate([a, u], masking=MaskingConfig(probability=0.3), seed=0, epoch=0, label_smoothing=0.1)
     assert not batch["binding_mask"][1].any()
     assert (batch["mlm_labels"][1] != IGNORE_INDEX).any()
-    assert batch["score_mask"][1].sum() == 50
+    assert batch["query_residue_mask"][1].sum() == 50
     vals = sorted(set(batch["binding_labels"][0][batch["binding_mask"][0]].tolist()))
     assert vals == pytest.approx([0.05, 0.95])
     assert (batch["binding_labels"][1] == 0).all()
@@ -111,6 +110,7 @@ def test_unlabelled_rows_are_mlm_only_and_smoothing():
 def test_keep_span_limits_scored_residues():
     e = _ex("a", "ACDEFGHIKL", offset=100, keep_start=103, keep_end=107, protein_length=200)
     batch = collate([e], masking=None, seed=0, epoch=0)
-    idx = batch["residue_index"][0][batch["binding_mask"][0]]
-    assert idx.tolist() == [103, 104, 105, 106]
-    assert torch.equal(batch["score_mask"], batch["binding_mask"])
+    # Query token t holds residue offset + (t - first query token); only residues 103..106 are scored.
+    first = int(batch["query_residue_mask"][0].nonzero()[0])
+    idx = (batch["binding_mask"][0].nonzero().flatten() - first + 100).tolist()
+    assert idx == [103, 104, 105, 106]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from e1min.data.windows import random_crop, sliding_windows, stitch
+from e1min.data.windows import random_crop, sliding_windows, stitch_predictions
 
 
 @pytest.mark.parametrize("length", [1, 5, 10, 11, 37, 100, 1001])
@@ -24,13 +24,18 @@ def test_keep_is_most_central():
             assert own >= max(others) - 1  # ties broken by the midpoint
 
 
-def test_stitch():
+def test_stitch_predictions_from_windowed_examples():
+    from e1min.data.dataset import Example
+
     ws = sliding_windows(25, 8, 3)
     truth = np.arange(25, dtype=np.float32)
+    seq = "A" * 25
+    exs = [Example("p", "ZN", seq[w.start : w.end], None, offset=w.start, keep_start=w.keep_start, keep_end=w.keep_end, protein_length=25)
+           for w in ws]
     preds = [truth[w.start : w.end] for w in ws]
-    np.testing.assert_array_equal(stitch(ws, preds, 25), truth)
-    with pytest.raises(ValueError):
-        stitch(ws[:-1], preds[:-1], 25)
+    np.testing.assert_array_equal(stitch_predictions(exs, preds)["p"], truth)
+    with pytest.raises(ValueError, match="every residue exactly once"):
+        stitch_predictions(exs[:-1], preds[:-1])
 
 
 def test_random_crop_contains_positive():
