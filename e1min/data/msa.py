@@ -37,30 +37,21 @@ counts in float32), so memory is O(rows x width) plus a fixed block, never O(row
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import re
-import stat
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from e1min.data.a3m import _BAD_CHAR, MAX_A3M_BYTES, _path_entry_exists, _read_text, _split_records, check_a3m_path  # noqa: F401
 from e1min.data.fasta import DataError
+from e1min.data.similarity import BLOCK_FEATURES, BLOCK_ROWS, GAP, neighbour_counts, query_similarity  # noqa: F401
 
 log = logging.getLogger("e1min")
 
-GAP = ord("-")
-#: Rows per block of the neighbour and query-similarity computations.
-BLOCK_ROWS = 2048
-#: (column, letter) one-hot features per matrix product; with BLOCK_ROWS this fixes the block memory.
-BLOCK_FEATURES = 12288
-#: Larger A3M files are refused with a DataError (their parse alone would need several times this).
-MAX_A3M_BYTES = 256 << 20
 
-_BAD_CHAR = re.compile(r"[^A-Za-z.\-]")
 _DROP_LOWER = str.maketrans("", "", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -112,85 +103,6 @@ E1_REFERENCE_SAMPLING = MSASampling(511, 32768, 0.8, 0.0, 1.0)
 # ---------------------------------------------------------------------------------------------
 # Files and parsing
 # ---------------------------------------------------------------------------------------------
-def check_a3m_path(path: str | os.PathLike) -> None:
-    """DataError unless ``path`` is a readable-looking regular file (directory, dangling symlink, loop...)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise DataError(f"{path}: dangling symlink (its target {os.readlink(path)!r} does not exist)") from None
-        raise DataError(f"{path}: file not found") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise DataError(f"{path}: symlink loop (too many levels of symbolic links)") from None
-        raise DataError(f"{path}: cannot access ({e.strerror})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise DataError(f"{path}: is a directory, not an A3M file")
-    if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"{path}: not a regular file")
-    if st.st_size > MAX_A3M_BYTES:
-        raise DataError(f"{path}: {st.st_size} bytes, larger than the {MAX_A3M_BYTES} bytes an A3M may have here")
-
-
-def _path_entry_exists(path: Path) -> bool:
-    """Whether anything (file, directory, symlink even dangling) sits at ``path``; access errors raise."""
-    try:
-        os.lstat(path)
-        return True
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise DataError(f"{path}: symlink loop in the path") from None
-        raise DataError(f"{path}: cannot access ({e.strerror})") from None
-
-
-def _read_text(path: Path) -> str:
-    check_a3m_path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        line = raw.count(b"\n", 0, nul) + 1
-        raise DataError(f"{path}:{line}: non-text byte 0x00 (binary file?)")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: non-text byte 0x{raw[e.start]:02x} (not UTF-8/ASCII text)") from None
-
-
-def _split_records(path: Path, text: str) -> tuple[list[str], list[str], list[int]]:
-    """(texts, names, header line numbers); lines starting with ``#`` and blank lines are skipped."""
-    texts: list[str] = []
-    names: list[str] = []
-    lines: list[int] = []
-    parts: list[str] | None = None
-    for lineno, raw in enumerate(text.split("\n"), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith(">"):
-            if parts is not None:
-                texts.append("".join(parts))
-            names.append(line[1:].split()[0] if line[1:].strip() else f"record {len(names) + 1}")
-            lines.append(lineno)
-            parts = []
-            continue
-        if parts is None:
-            raise DataError(f"{path}:{lineno}: expected a '>' header before sequence data")
-        bad = _BAD_CHAR.search(line)
-        if bad:
-            raise DataError(
-                f"{path}:{lineno}: record {names[-1]!r}: invalid character {bad.group()!r} at column {bad.start() + 1} "
-                "(A3M rows hold letters, '-' and '.')"
-            )
-        parts.append(line)
-    if parts is not None:
-        texts.append("".join(parts))
-    return texts, names, lines
 
 
 def read_a3m(path: str | os.PathLike) -> "MSA":
@@ -215,75 +127,6 @@ def parse_a3m(path: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Similarities (blocked)
 # ---------------------------------------------------------------------------------------------
-def _onehot(block: np.ndarray, cols: np.ndarray, letters: np.ndarray) -> np.ndarray:
-    """(rows, features) float32: 1 where the row holds ``letters[k]`` in column ``cols[k]``."""
-    return (block[:, cols] == letters).astype(np.float32)
-
-
-def neighbour_counts(matrix: np.ndarray, bound: float, block_rows: int | None = None) -> np.ndarray:
-    """``neighbours(i) = #{j : sim(i -> j) >= bound}`` for an (N, W) uint8 aligned matrix (no lower case).
-
-    ``sim(i -> j)`` = matches on row i's non-gap columns / row j's non-gap count, a float32 division
-    compared in float32 (all-gap rows: 0 / 0, never a neighbour). Identical rows are counted once with
-    their multiplicity; match counts of distinct rows come from one-hot products over blocks of rows
-    (exact: integer sums below 2**24 in float32), for block pairs ``J >= I`` only (the counts are
-    symmetric). Only (column, letter) features held by two distinct rows or more enter the products; the
-    others match only on the diagonal, which is set to ``len(i)``. Memory: O(N x W) plus a fixed block.
-    """
-    if matrix.shape[0] == 0:
-        return np.zeros(0, dtype=np.int64)
-    uniq, inverse, mult = np.unique(matrix, axis=0, return_inverse=True, return_counts=True)
-    return _distinct_neighbour_counts(uniq, mult, bound, max(1, int(block_rows or BLOCK_ROWS)))[inverse.ravel()]
-
-
-def _distinct_neighbour_counts(matrix: np.ndarray, mult: np.ndarray, bound: float, b: int) -> np.ndarray:
-    n, width = matrix.shape
-    lengths = np.zeros(n, dtype=np.int64)
-    feature_counts = np.zeros(width * 256, dtype=np.int64)
-    offsets = np.arange(width, dtype=np.int64) * 256
-    for i0 in range(0, n, b):
-        block = matrix[i0 : i0 + b]
-        lengths[i0 : i0 + b] = (block != GAP).sum(axis=1)
-        feature_counts += np.bincount((block + offsets).ravel(), minlength=width * 256)
-    feature_counts = feature_counts.reshape(width, 256)
-    feature_counts[:, GAP] = 0
-    cols, letters = np.nonzero(feature_counts >= 2)
-    letters = letters.astype(np.uint8)
-    chunks = [(k, min(k + BLOCK_FEATURES, len(cols))) for k in range(0, len(cols), BLOCK_FEATURES)] or [(0, 0)]
-    len32 = lengths.astype(np.float32)
-    b32 = np.float32(bound)
-    neighbours = np.zeros(n, dtype=np.int64)
-    for i0 in range(0, n, b):
-        rows_i = matrix[i0 : i0 + b]
-        # With one feature chunk, block I's one-hot is built once and reused for every block J.
-        onehot_i = _onehot(rows_i, cols, letters) if len(chunks) == 1 else None
-        for j0 in range(i0, n, b):
-            rows_j = matrix[j0 : j0 + b]
-            if onehot_i is not None:
-                onehot_j = onehot_i if j0 == i0 else _onehot(rows_j, cols, letters)
-                match = onehot_i @ onehot_j.T
-            else:
-                match = np.zeros((len(rows_i), len(rows_j)), dtype=np.float32)
-                for k0, k1 in chunks:
-                    c, a = cols[k0:k1], letters[k0:k1]
-                    match += _onehot(rows_i, c, a) @ _onehot(rows_j, c, a).T
-            if i0 == j0:
-                np.fill_diagonal(match, len32[i0 : i0 + b])
-            with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 for all-gap rows: NaN, never >= bound
-                neighbours[i0 : i0 + b] += (match / len32[j0 : j0 + b] >= b32) @ mult[j0 : j0 + b]
-                if j0 != i0:
-                    neighbours[j0 : j0 + b] += mult[i0 : i0 + b] @ (match / len32[i0 : i0 + b, None] >= b32)
-    return neighbours
-
-
-def query_similarity(matrix: np.ndarray, block_rows: int | None = None) -> np.ndarray:
-    """``qsim(j)`` = (columns equal to the query row, gap == gap included) / W, float32."""
-    n, width = matrix.shape
-    b = max(1, int(block_rows or BLOCK_ROWS))
-    same = np.zeros(n, dtype=np.int64)
-    for i0 in range(0, n, b):
-        same[i0 : i0 + b] = (matrix[i0 : i0 + b] == matrix[0]).sum(axis=1)
-    return same.astype(np.float32) / np.float32(width)
 
 
 # ---------------------------------------------------------------------------------------------

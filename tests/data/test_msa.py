@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
+import e1min.data.a3m as a3m
 import e1min.data.msa as msa_mod
+import e1min.data.similarity as similarity
 from e1min.data.fasta import DataError
 from e1min.data.msa import (
     MSA,
@@ -251,8 +253,8 @@ def test_blocked_equals_unblocked(monkeypatch, bound):
     msa = MSA.from_rows(_random_texts(rng, 50, 24, all_gap_rows=3))
     want = _unblocked_neighbours(msa.matrix, bound)
     assert neighbour_counts(msa.matrix, bound).tolist() == want.tolist()
-    monkeypatch.setattr(msa_mod, "BLOCK_ROWS", 4)
-    monkeypatch.setattr(msa_mod, "BLOCK_FEATURES", 7)  # several feature chunks as well
+    monkeypatch.setattr(similarity, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(similarity, "BLOCK_FEATURES", 7)  # several feature chunks as well
     assert neighbour_counts(msa.matrix, bound).tolist() == want.tolist()
     assert neighbour_counts(msa.matrix, bound, block_rows=1).tolist() == want.tolist()
     small = MSA.from_rows(msa.texts)
@@ -382,10 +384,10 @@ def test_paths_that_are_not_files(tmp_path):
 
 def test_oversized_and_out_of_memory_are_data_errors(tmp_path, monkeypatch):
     p = _a3m(tmp_path, _rows_a3m(HAND))
-    monkeypatch.setattr(msa_mod, "MAX_A3M_BYTES", 20)
+    monkeypatch.setattr(a3m, "MAX_A3M_BYTES", 20)
     with pytest.raises(DataError, match=rf"^{p}: \d+ bytes, larger than the 20 bytes"):
         read_a3m(p)
-    monkeypatch.setattr(msa_mod, "MAX_A3M_BYTES", 1 << 20)
+    monkeypatch.setattr(a3m, "MAX_A3M_BYTES", 1 << 20)
     msa = read_a3m(p)
 
     def oom(*args):
