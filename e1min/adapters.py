@@ -323,14 +323,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         expected.update({f"mlm_head.{k}": tuple(v.shape) for k, v in model.mlm_head.state_dict().items()})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {list(state[k].shape)} in file, expected {list(expected[k])}" for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != expected[k]]
+    wrong = [
+        f"{k}: {list(state[k].shape)} in file, expected {list(expected[k])}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != expected[k]
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {_few(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_few(unexpected)}")
     if wrong:
-        problems.append(f"wrong shapes (adapter_config.json says r={config.r}): " + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""))
+        problems.append(
+            f"wrong shapes (adapter_config.json says r={config.r}): " + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else "")
+        )
     if problems:
         raise AdapterError(f"{weights_path}: adapter does not fit the model: " + " | ".join(problems))
 

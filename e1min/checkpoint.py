@@ -108,7 +108,9 @@ def read_state_meta(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]
 
 
 def _int(lo: int | None = None) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)), "an integer" + (f" >= {lo}" if lo is not None else "")
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)), "an integer" + (
+        f" >= {lo}" if lo is not None else ""
+    )
 
 
 def _or_null(check: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
@@ -121,8 +123,10 @@ def _number(v: Any) -> bool:
 
 _OBJECT = (lambda v: isinstance(v, dict)), "an object"
 _STR = (lambda v: isinstance(v, str) and bool(v)), "a non-empty string"
-_IONS = (lambda v: isinstance(v, list) and bool(v) and all(isinstance(i, str) and i and "." not in i for i in v) and len(set(v)) == len(v),
-         "a non-empty list of distinct ion names (strings without '.')")
+_IONS = (
+    lambda v: isinstance(v, list) and bool(v) and all(isinstance(i, str) and i and "." not in i for i in v) and len(set(v)) == len(v),
+    "a non-empty list of distinct ion names (strings without '.')",
+)
 
 # checkpoint.json: field -> (required, (check, description)). Optional fields may be absent (older checkpoints).
 META_FIELDS: dict[str, tuple[bool, tuple[Callable[[Any], bool], str]]] = {
@@ -190,7 +194,9 @@ def validate_trainer_state(state: Any, path: str | os.PathLike) -> None:
     unknown = set(state) - set(TRAINER_STATE_FIELDS)
     unknown = sorted(unknown - _fold_state_fields()) if unknown else []
     if unknown:
-        raise RunCheckpointError(f"{path}: unknown field(s) {', '.join('trainer_state.' + k for k in unknown)} (written by another e1min version?)")
+        raise RunCheckpointError(
+            f"{path}: unknown field(s) {', '.join('trainer_state.' + k for k in unknown)} (written by another e1min version?)"
+        )
 
 
 def _fold_state_fields() -> set[str]:
@@ -230,7 +236,9 @@ def read_heads(directory: str | os.PathLike, model: torch.nn.Module) -> dict[str
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
     if missing or unexpected or wrong:
-        raise RunCheckpointError(f"{path}: heads do not match the model (missing {missing}, unexpected {unexpected}, wrong shape {sorted(wrong)})")
+        raise RunCheckpointError(
+            f"{path}: heads do not match the model (missing {missing}, unexpected {unexpected}, wrong shape {sorted(wrong)})"
+        )
     for k in sorted(state):
         t = state[k]
         if not t.is_floating_point():
@@ -336,7 +344,9 @@ def _read_optimizer(
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         raise RunCheckpointError(f"{path}: metadata 'param_groups' must be a list of objects, got {show(groups)}")
     if len(groups) != len(optimizer.param_groups):
-        raise RunCheckpointError(f"{path}: metadata 'param_groups' has {len(groups)} group(s), the optimizer has {len(optimizer.param_groups)}")
+        raise RunCheckpointError(
+            f"{path}: metadata 'param_groups' has {len(groups)} group(s), the optimizer has {len(optimizer.param_groups)}"
+        )
     for i, (saved, current) in enumerate(zip(groups, optimizer.param_groups)):
         if "params" in saved:
             raise RunCheckpointError(f"{path}: metadata 'param_groups[{i}].params' must not be saved")
@@ -350,7 +360,9 @@ def _read_optimizer(
     for key, t in sorted(tensors.items()):
         name, sep, field = key.partition("::")
         if not sep or name not in params:
-            raise RunCheckpointError(f"{path}: tensor {key!r} does not name a parameter of the optimizer (a state of another model or LoRA config?)")
+            raise RunCheckpointError(
+                f"{path}: tensor {key!r} does not name a parameter of the optimizer (a state of another model or LoRA config?)"
+            )
         if adam and field not in _ADAM_KEYS:
             raise RunCheckpointError(f"{path}: tensor {key!r}: unknown optimizer state {field!r} (expected one of {sorted(_ADAM_KEYS)})")
         p = params[name]
@@ -373,7 +385,9 @@ def _read_optimizer(
             need = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad[id(params[name])] else set())
             missing = sorted(need - set(state))
             if missing:
-                raise RunCheckpointError(f"{path}: incomplete state of parameter {name!r}: missing {', '.join(f'{name}::{k}' for k in missing)}")
+                raise RunCheckpointError(
+                    f"{path}: incomplete state of parameter {name!r}: missing {', '.join(f'{name}::{k}' for k in missing)}"
+                )
     return groups, {id(params[n]): (params[n], s) for n, s in per_param.items()}
 
 

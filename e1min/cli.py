@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -73,13 +73,23 @@ def _add_inputs(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
     p.add_argument("--max-tokens", type=int, default=16384, help="token budget per batch (padded tokens)")
     p.add_argument("--base-model", default=None, help="local base E1 directory to use instead of the one recorded in checkpoint.json")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype the base weights are stored in (default float32)")
-    p.add_argument("--precision", default=None, choices=["float32", "bf16"],
-                   help="compute precision: float32, or bf16 autocast for the backbone (heads and probabilities stay float32). "
-                        "Default: float32 on the CPU, bf16 on CUDA; never chosen from CPU flags")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype the base weights are stored in (default float32)"
+    )
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=["float32", "bf16"],
+        help="compute precision: float32, or bf16 autocast for the backbone (heads and probabilities stay float32). "
+        "Default: float32 on the CPU, bf16 on CUDA; never chosen from CPU flags",
+    )
     p.add_argument("--no-bf16", action="store_true", help="same as --precision float32")
-    p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"],
-                   help="float32 matmuls: highest (exact, default), high/medium (TF32 on GPUs, reduced-precision float32 on CPUs that have it)")
+    p.add_argument(
+        "--matmul-precision",
+        default="highest",
+        choices=["highest", "high", "medium"],
+        help="float32 matmuls: highest (exact, default), high/medium (TF32 on GPUs, reduced-precision float32 on CPUs that have it)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line")
 
 
@@ -130,8 +140,14 @@ def _load_for_prediction(args: argparse.Namespace, device: torch.device | None =
         raise DataError(f"{args.fasta}: file not found")
     if args.msa_dir and not Path(str(args.msa_dir).split("{ION}")[0] or ".").is_dir():
         raise PredictError(f"--msa-dir {args.msa_dir}: no such directory")
-    predictor = load_predictor(args.checkpoint, folds=folds, base_model=args.base_model, device=device or args.device,
-                               dtype=getattr(torch, args.dtype), precision=_precision(args))
+    predictor = load_predictor(
+        args.checkpoint,
+        folds=folds,
+        base_model=args.base_model,
+        device=device or args.device,
+        dtype=getattr(torch, args.dtype),
+        precision=_precision(args),
+    )
     ions = predictor._check_ions([i.strip() for i in args.ions.split(",") if i.strip()] if args.ions else None)
     max_len = MAX_POSITIONS_WITHIN_SEQ - SPECIALS_PER_SEQUENCE if predictor.max_query_length is None else None
     records, skipped = read_input_fasta(args.fasta, args.skip_invalid, require_labels=require_labels, max_length=max_len)
@@ -146,9 +162,12 @@ def _load_for_prediction(args: argparse.Namespace, device: torch.device | None =
 
 def _print_setup(predictor, ions: list[str], records: list, skipped: list) -> None:
     err = sys.stderr
-    print(f"model: {', '.join(predictor.fold_names)} ({predictor.num_folds} fold(s){', LoRA merged' if predictor.merged else ''}) "
-          f"on {predictor.device}, precision {predictor.precision}; ions {', '.join(ions)}; {len(records)} proteins, "
-          f"{sum(len(r.sequence) for r in records)} residues", file=err)
+    print(
+        f"model: {', '.join(predictor.fold_names)} ({predictor.num_folds} fold(s){', LoRA merged' if predictor.merged else ''}) "
+        f"on {predictor.device}, precision {predictor.precision}; ions {', '.join(ions)}; {len(records)} proteins, "
+        f"{sum(len(r.sequence) for r in records)} residues",
+        file=err,
+    )
     for ion in ions:
         if predictor.threshold(ion) is None:
             print(f"note: no saved threshold for {ion} (no thresholds.json entry): the call column is left empty", file=err)
@@ -180,11 +199,27 @@ def _run_predict(args: argparse.Namespace) -> int:
         rank, ws = (ctx.rank, ctx.world_size) if ctx else (0, 1)
         if rank == 0:
             _print_setup(predictor, ions, records, skipped)
-        stats = predict_file(predictor, records, out, ions, provider, fmt, args.max_tokens, args.chunk_size, args.seed, rank, ws,
-                             barrier=(ctx.barrier if ctx else None), progress=not args.quiet)
+        stats = predict_file(
+            predictor,
+            records,
+            out,
+            ions,
+            provider,
+            fmt,
+            args.max_tokens,
+            args.chunk_size,
+            args.seed,
+            rank,
+            ws,
+            barrier=(ctx.barrier if ctx else None),
+            progress=not args.quiet,
+        )
         if rank == 0:
-            print(f"wrote {out} ({len(records)} proteins, {len(ions)} ion(s)); {stats['proteins_per_s']:.1f} proteins/s, "
-                  f"{stats['residues_per_s']:.0f} residues/s", file=sys.stderr)
+            print(
+                f"wrote {out} ({len(records)} proteins, {len(ions)} ion(s)); {stats['proteins_per_s']:.1f} proteins/s, "
+                f"{stats['residues_per_s']:.0f} residues/s",
+                file=sys.stderr,
+            )
     finally:
         if ctx is not None:
             ctx.destroy()
@@ -207,8 +242,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     check_output_dir(args.out_dir, [args.fasta], EVALUATION_FILES)
     predictor, ions, provider, records, skipped = _load_for_prediction(args, require_labels=True)
     _print_setup(predictor, ions, records, skipped)
-    report = evaluate_records(predictor, records, args.out_dir, ions, provider, args.max_tokens, args.chunk_size, args.seed,
-                              args.min_recall, progress=not args.quiet)
+    report = evaluate_records(
+        predictor,
+        records,
+        args.out_dir,
+        ions,
+        provider,
+        args.max_tokens,
+        args.chunk_size,
+        args.seed,
+        args.min_recall,
+        progress=not args.quiet,
+    )
     print(evaluation_table(report["ions"]))
     print(f"wrote {Path(args.out_dir) / 'evaluation.json'}, evaluation.md, predictions.tsv and curves", file=sys.stderr)
     return 0
@@ -220,7 +265,12 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-residue", action="store_true", help="also store per-residue embeddings (residues-*.safetensors)")
     p.add_argument("--shard-size", type=int, default=1000, help="proteins per safetensors shard (also capped at 1 GiB)")
     p.add_argument("--fold", type=int, default=None, help="fold of a run directory (default: first complete)")
-    p.add_argument("--max-length", type=int, default=None, help="window length for long proteins (default: the checkpoint's max_query_length, else 1022)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="window length for long proteins (default: the checkpoint's max_query_length, else 1022)",
+    )
 
 
 def _run_embed(args: argparse.Namespace) -> int:
@@ -248,8 +298,19 @@ def _run_embed(args: argparse.Namespace) -> int:
     device = next(backbone.parameters()).device
     precision = inference_precision(device, _precision(args))
     print(f"embedding with {info.get('checkpoint')} on {device}, precision {precision}", file=sys.stderr)
-    stats = embed_file(backbone, records, args.out, args.per_residue, args.shard_size, max_tokens=args.max_tokens,
-                       max_query_length=max_len, device=device, precision=precision, info=info, progress=not args.quiet)
+    stats = embed_file(
+        backbone,
+        records,
+        args.out,
+        args.per_residue,
+        args.shard_size,
+        max_tokens=args.max_tokens,
+        max_query_length=max_len,
+        device=device,
+        precision=precision,
+        info=info,
+        progress=not args.quiet,
+    )
     print(f"wrote {stats['shards']} shard(s) and index.json to {args.out} ({len(records)} proteins)", file=sys.stderr)
     return 0
 
@@ -296,8 +357,15 @@ def _run_verify_lora(args: argparse.Namespace) -> int:
     from e1min.verify import run_checks
 
     print(f"verify-lora on {args.checkpoint or 'tiny random E1'} ({args.dtype}, {args.device}, r={args.r}, alpha={args.alpha:g})")
-    results = run_checks(args.checkpoint, r=args.r, alpha=args.alpha, dtype=getattr(torch, args.dtype), device=args.device,
-                         seed=args.seed, revision=args.revision)
+    results = run_checks(
+        args.checkpoint,
+        r=args.r,
+        alpha=args.alpha,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
+        seed=args.seed,
+        revision=args.revision,
+    )
     for res in results:
         print(res)
     failed = sum(not r.passed for r in results)
@@ -322,8 +390,10 @@ def _run_info(args: argparse.Namespace) -> int:
     kinds = ["global" if layer.is_global else "within" for layer in model.model.layers]
     print(f"checkpoint: {args.checkpoint}")
     print(f"parameters: {n:,} ({n / 1e6:.1f}M), dtype: {', '.join(dtypes)}")
-    print(f"layers: {len(kinds)} ({kinds.count('within')} within-sequence, {kinds.count('global')} global: "
-          f"{[i for i, k in enumerate(kinds) if k == 'global']})")
+    print(
+        f"layers: {len(kinds)} ({kinds.count('within')} within-sequence, {kinds.count('global')} global: "
+        f"{[i for i, k in enumerate(kinds) if k == 'global']})"
+    )
     print("config:")
     for k, v in cfg.to_dict().items():
         print(f"  {k}: {v}")

@@ -76,7 +76,9 @@ class E1Config:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object of config fields, got {show(d)}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - d.keys())
         if missing:
             raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
@@ -122,9 +124,20 @@ def _is_number(v: Any) -> bool:
 
 # field -> (check, description); each field of config.json with the type and range E1 needs.
 _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
-    **{k: (lambda v: _is_int(v) and v >= 1, "an integer >= 1") for k in (
-        "hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "num_key_value_heads",
-        "max_num_sequences", "max_num_positions_within_seq", "max_num_positions_global", "vocab_size")},
+    **{
+        k: (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        for k in (
+            "hidden_size",
+            "num_attention_heads",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_key_value_heads",
+            "max_num_sequences",
+            "max_num_positions_within_seq",
+            "max_num_positions_global",
+            "vocab_size",
+        )
+    },
     "global_attention_every_n_layers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "rope_theta_within_seq": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "rope_theta_global": (lambda v: _is_number(v) and v > 0, "a number > 0"),

@@ -1,7 +1,7 @@
 """K-fold cross-validation of one run directory: data and folds, the fold loop, the run's report.
 
-    e1min train --config configs/demo.yaml [--set training.epochs=3] [--folds 1,3] [--resume | --restart-fold]
-    torchrun --nproc_per_node=4 -m e1min.train --config configs/e1_binding.yaml
+e1min train --config configs/demo.yaml [--set training.epochs=3] [--folds 1,3] [--resume | --restart-fold]
+torchrun --nproc_per_node=4 -m e1min.train --config configs/e1_binding.yaml
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from e1min.data.folds import assign_folds, check_assignment, load_folds, save_fo
 from e1min.data.msa import ContextProvider
 from e1min.dist import DistContext, init_distributed
 from e1min.io import atomic_write_json, atomic_write_text
+from e1min.recipe import Recipe
 from e1min.report import report_run
 from e1min.run import STATE_NAMES, RunDir, RunLock, RunLockError, RunStateError, remove_temporaries
 from e1min.runtime import set_matmul_precision, training_precision
-from e1min.recipe import Recipe
 from e1min.trainer import FoldTrainer, RunData, as_recipe
 
 log = logging.getLogger("e1min")
@@ -55,7 +55,11 @@ def prepare_run(cfg: Recipe | dict, ctx: DistContext, out: Path) -> RunData:
         for ion, s in stats.items():
             log.info(
                 "%s: %d proteins (%d labelled), %d residues, positive rate %.4f",
-                ion, s["proteins"], s["labelled_proteins"], s["residues"], s["positive_rate"],
+                ion,
+                s["proteins"],
+                s["labelled_proteins"],
+                s["residues"],
+                s["positive_rate"],
             )
     ctx.barrier("prepare_run")
     provider = ContextProvider(d.msa_dir) if d.msa_dir else None
@@ -91,8 +95,10 @@ def check_fold_meta(path: Path, saved: dict[str, Any], expected: dict[str, Any])
                 detail = "; ".join(f"{ion}: {have.get(ion)} there, {want.get(ion)} now" for ion in changed[:3])
                 raise DataError(f"{path}: built from other data ({detail}); use a new training.output_dir for new data")
         elif have != want:
-            raise DataError(f"{path}: {key} is {have!r} there but {want!r} in the config; use a new training.output_dir "
-                            f"(or set {key} back to {have!r} to continue this run)")
+            raise DataError(
+                f"{path}: {key} is {have!r} there but {want!r} in the config; use a new training.output_dir "
+                f"(or set {key} back to {have!r} to continue this run)"
+            )
 
 
 def run_cross_validation(cfg: Recipe | dict, ctx: DistContext, resume: bool = False, restart_folds: bool = False) -> dict[str, Any] | None:
@@ -115,8 +121,10 @@ def run_cross_validation(cfg: Recipe | dict, ctx: DistContext, resume: bool = Fa
         partial = ctx.is_main and any(state_dir(run.state(k, w)) is not None for w in STATE_NAMES)
         if ctx.any(partial, "partial_fold") and not resume:
             if not restart_folds:
-                raise RunStateError(f"{run.fold(k)}: holds an unfinished fold {k}; rerun with --resume to continue it "
-                                    f"or with --restart-fold to train it from scratch")
+                raise RunStateError(
+                    f"{run.fold(k)}: holds an unfinished fold {k}; rerun with --resume to continue it "
+                    f"or with --restart-fold to train it from scratch"
+                )
             if ctx.is_main:
                 log.info("fold %d: --restart-fold: removing its previous state", k)
                 shutil.rmtree(run.fold(k))
@@ -133,7 +141,9 @@ def run_cross_validation(cfg: Recipe | dict, ctx: DistContext, resume: bool = Fa
     return summary
 
 
-def train_run(cfg: Recipe | dict, notes: list[str] = (), label: str = "", resume: bool = False, restart_folds: bool = False) -> dict[str, Any] | None:
+def train_run(
+    cfg: Recipe | dict, notes: list[str] = (), label: str = "", resume: bool = False, restart_folds: bool = False
+) -> dict[str, Any] | None:
     """``e1min train`` after argument parsing: join the process group, lock the run directory, log, run.
 
     Rank 0 locks ``output_dir`` before anything (even ``training.log``) is written; every rank agrees on
@@ -161,8 +171,14 @@ def train_run(cfg: Recipe | dict, notes: list[str] = (), label: str = "", resume
             log.info(n)
         if removed:
             log.info("removed %d temporary file(s) left by an interrupted save, e.g. %s", len(removed), removed[0])
-        log.info("e1min train: %s, %d process(es) on %s, precision %s, float32 matmul precision %s", label, ctx.world_size,
-                 ctx.device, training_precision(ctx.device, cfg.training.bf16), cfg.model.matmul_precision)
+        log.info(
+            "e1min train: %s, %d process(es) on %s, precision %s, float32 matmul precision %s",
+            label,
+            ctx.world_size,
+            ctx.device,
+            training_precision(ctx.device, cfg.training.bf16),
+            cfg.model.matmul_precision,
+        )
         return run_cross_validation(cfg, ctx, resume=resume, restart_folds=restart_folds)
     finally:
         lock.release()

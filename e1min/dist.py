@@ -11,8 +11,8 @@ import collections
 import datetime
 import gc
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -157,7 +157,9 @@ class DistContext:
         self.all_reduce(hi, "max", "check_replicas")
         self.all_reduce(lo, "max", "check_replicas")
         if float(hi[0]) != float(-lo[0]):
-            raise DistributedError(f"rank {self.rank}: trainable parameters diverged across ranks at step {step} (checksums {float(-lo[0])} .. {float(hi[0])})")
+            raise DistributedError(
+                f"rank {self.rank}: trainable parameters diverged across ranks at step {step} (checksums {float(-lo[0])} .. {float(hi[0])})"
+            )
 
     def destroy(self) -> None:
         """Tear the process group down while the interpreter is fully alive; safe to call twice.

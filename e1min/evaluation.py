@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,14 +49,45 @@ def _f(v: Any, digits: int = 3) -> str:
 
 def evaluation_table(results: dict[str, dict]) -> str:
     """Markdown table of ``ion_metrics`` per ion."""
-    head = ["ion", "residues", "pos. rate", "AUPRC", "AUROC", "HRA", "thr (saved)", "F1", "MCC", "Prec", "Rec",
-            "thr (best F1)", "F1", "MCC", "Prec", "Rec"]
+    head = [
+        "ion",
+        "residues",
+        "pos. rate",
+        "AUPRC",
+        "AUROC",
+        "HRA",
+        "thr (saved)",
+        "F1",
+        "MCC",
+        "Prec",
+        "Rec",
+        "thr (best F1)",
+        "F1",
+        "MCC",
+        "Prec",
+        "Rec",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ion, m in results.items():
         s, b = m["at_saved"], m["at_best_f1"]
-        row = [ion, str(m["n"]), _f(m["positive_rate"], 4), _f(m["auprc"]), _f(m["auroc"]), _f(m["hra"]),
-               _f(s["threshold"]), _f(s["f1"]), _f(s["mcc"]), _f(s["precision"]), _f(s["recall"]),
-               _f(b["threshold"]), _f(b["f1"]), _f(b["mcc"]), _f(b["precision"]), _f(b["recall"])]
+        row = [
+            ion,
+            str(m["n"]),
+            _f(m["positive_rate"], 4),
+            _f(m["auprc"]),
+            _f(m["auroc"]),
+            _f(m["hra"]),
+            _f(s["threshold"]),
+            _f(s["f1"]),
+            _f(s["mcc"]),
+            _f(s["precision"]),
+            _f(s["recall"]),
+            _f(b["threshold"]),
+            _f(b["f1"]),
+            _f(b["mcc"]),
+            _f(b["precision"]),
+            _f(b["recall"]),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -73,7 +105,12 @@ def write_curves(out_dir: Path, ion: str, y: np.ndarray, p: np.ndarray, m: dict)
     plt = pyplot()
     if plt is None:
         return written
-    marks = [("saved", m["at_saved"], "o"), ("best F1", m["at_best_f1"], "s"), ("best MCC", m["at_best_mcc"], "^"), ("Youden", m["at_youden"], "D")]
+    marks = [
+        ("saved", m["at_saved"], "o"),
+        ("best F1", m["at_best_f1"], "s"),
+        ("best MCC", m["at_best_mcc"], "^"),
+        ("Youden", m["at_youden"], "D"),
+    ]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     ax1.plot(fpr, tpr, lw=1.5, label=f"ROC (AUROC {_f(m['auroc'])})")
     ax1.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
@@ -153,8 +190,12 @@ def evaluate_records(
         "throughput": speed,
     }
     atomic_write_json(out_dir / "evaluation.json", report)
-    md = [f"Evaluation of {', '.join(predictor.fold_names)} on {len(records)} proteins", "",
-          "F1/MCC/precision/recall at the saved threshold (thresholds.json) and at the best-F1 threshold of this set (optimistic).",
-          "", evaluation_table(results)]
+    md = [
+        f"Evaluation of {', '.join(predictor.fold_names)} on {len(records)} proteins",
+        "",
+        "F1/MCC/precision/recall at the saved threshold (thresholds.json) and at the best-F1 threshold of this set (optimistic).",
+        "",
+        evaluation_table(results),
+    ]
     atomic_write_text(out_dir / "evaluation.md", "\n".join(md))
     return report

@@ -48,9 +48,7 @@ class BindingModel(nn.Module):
 
     def forward(self, batch: dict, ion: str, mlm_positions: torch.Tensor | None = None) -> "BindingOutput":
         """Binding logits (B, L) from ``ion``'s head; MLM logits (N, vocab) only at ``mlm_positions`` (bool B x L)."""
-        emb = self.backbone.model(
-            batch["input_ids"], batch["within_seq_position_ids"], batch["global_position_ids"], batch["sequence_ids"]
-        )
+        emb = self.backbone.model(batch["input_ids"], batch["within_seq_position_ids"], batch["global_position_ids"], batch["sequence_ids"])
         binding = self.heads[ion](emb)
         mlm = None
         if mlm_positions is not None and bool(mlm_positions.any()):
@@ -79,9 +77,7 @@ class LossTerms:
     mlm_tokens: int
 
 
-def loss_sums(
-    out: BindingOutput, batch: dict, pos_weight: float = 1.0, focal_gamma: float = 0.0
-) -> LossTerms:
+def loss_sums(out: BindingOutput, batch: dict, pos_weight: float = 1.0, focal_gamma: float = 0.0) -> LossTerms:
     """Summed BCE over ``binding_mask`` and summed MLM cross-entropy over ``mlm_labels != -100``.
 
     Sums, not means: the trainer divides by the number of contributing tokens of the whole optimiser

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from e1min.data.fasta import DataError, Record, read_fasta
 from e1min.data.msa import ContextProvider
@@ -41,7 +41,9 @@ def read_input_fasta(
     return records, skipped
 
 
-def check_msas(provider: ContextProvider, ions: Sequence[str], records: Sequence[Record], skip_invalid: bool) -> tuple[list[Record], list[Skipped]]:
+def check_msas(
+    provider: ContextProvider, ions: Sequence[str], records: Sequence[Record], skip_invalid: bool
+) -> tuple[list[Record], list[Skipped]]:
     """Parse each protein's MSA once and check its query row (without caching it) before any work."""
     keep, skipped = [], []
     for r in records:

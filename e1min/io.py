@@ -8,8 +8,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -137,8 +138,9 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
     return path
 
 
-def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), names: Iterable[str] = (),
-                     what: str = "--out-dir") -> Path:
+def check_output_dir(
+    path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), names: Iterable[str] = (), what: str = "--out-dir"
+) -> Path:
     """Refuse, before any work, an output directory that is a file, or whose output ``names`` are ``inputs``."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():

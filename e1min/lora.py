@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -399,7 +400,15 @@ def lora_parameter_count(
 ) -> int:
     """Closed form: sum of r * (in + out) over the wrapped layers of an E1 with ``config`` (an E1Config)."""
     h, inter, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
-    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "w1": (h, inter), "w3": (h, inter), "w2": (inter, h)}
+    shapes = {
+        "q_proj": (h, h),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (h, h),
+        "w1": (h, inter),
+        "w3": (h, inter),
+        "w2": (inter, h),
+    }
     targets = _validate_targets(target_modules)
     unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in shapes]
     if unknown:

@@ -18,7 +18,8 @@ inputs are flattened.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -203,9 +204,7 @@ def precision_recall_curve(y_true: ArrayLike, y_score: ArrayLike) -> tuple[Float
     return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thr[::-1].copy()
 
 
-def roc_curve(
-    y_true: ArrayLike, y_score: ArrayLike, drop_intermediate: bool = True
-) -> tuple[FloatArray, FloatArray, FloatArray]:
+def roc_curve(y_true: ArrayLike, y_score: ArrayLike, drop_intermediate: bool = True) -> tuple[FloatArray, FloatArray, FloatArray]:
     """ROC curve ``(fpr, tpr, thresholds)`` with thresholds decreasing (sklearn semantics).
 
     The first point is ``(0, 0)`` at threshold ``+inf``.  ``drop_intermediate``
@@ -288,9 +287,7 @@ def best_threshold(y_true: ArrayLike, y_score: ArrayLike, criterion: Criterion =
     return _best(tps, fps, thr, criterion)
 
 
-def binary_metrics(
-    y_true: ArrayLike, y_score: ArrayLike, threshold: float | None = None, min_recall: float = 0.7
-) -> dict[str, float]:
+def binary_metrics(y_true: ArrayLike, y_score: ArrayLike, threshold: float | None = None, min_recall: float = 0.7) -> dict[str, float]:
     """All headline metrics from one sort.
 
     Keys: n, positives, positive_rate, auprc, auroc, hra, hra_raw, best_f1,

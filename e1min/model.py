@@ -156,11 +156,11 @@ class _BlockAttention(torch.autograd.Function):
         lse = None
         for r, q0, q1, k0, k1, masked in ranges.blocks:
             mask = ranges.block_mask(r, q0, q1, k0, k1, q.dtype) if masked else None
-            o, l = _FLASH_CPU(q[r : r + 1, :, q0:q1], k[r : r + 1, :, k0:k1], v[r : r + 1, :, k0:k1], attn_mask=mask)
+            o, block_lse = _FLASH_CPU(q[r : r + 1, :, q0:q1], k[r : r + 1, :, k0:k1], v[r : r + 1, :, k0:k1], attn_mask=mask)
             if lse is None:
-                lse = l.new_zeros(b, h, n)
+                lse = block_lse.new_zeros(b, h, n)
             out[r : r + 1, :, q0:q1] = o
-            lse[r : r + 1, :, q0:q1] = l
+            lse[r : r + 1, :, q0:q1] = block_lse
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ranges = ranges
         return out
@@ -173,8 +173,15 @@ class _BlockAttention(torch.autograd.Function):
             mask = ctx.ranges.block_mask(r, q0, q1, k0, k1, q.dtype) if masked else None
             qs, ks = (r, slice(None), slice(q0, q1)), (r, slice(None), slice(k0, k1))
             gq, gk, gv = _FLASH_CPU_BACKWARD(
-                grad_out[r : r + 1, :, q0:q1], q[r : r + 1, :, q0:q1], k[r : r + 1, :, k0:k1], v[r : r + 1, :, k0:k1],
-                out[r : r + 1, :, q0:q1], lse[r : r + 1, :, q0:q1], 0.0, False, attn_mask=mask,
+                grad_out[r : r + 1, :, q0:q1],
+                q[r : r + 1, :, q0:q1],
+                k[r : r + 1, :, k0:k1],
+                v[r : r + 1, :, k0:k1],
+                out[r : r + 1, :, q0:q1],
+                lse[r : r + 1, :, q0:q1],
+                0.0,
+                False,
+                attn_mask=mask,
             )
             dq[qs] = gq[0]
             dk[ks] += gk[0]
@@ -195,8 +202,7 @@ def flex_block_masks(sequence_ids: torch.Tensor):
     def glob(bi, hi, qi, ki):
         return (sid[bi, ki] >= 0) & (sid[bi, ki] <= sid[bi, qi])
 
-    return (create_block_mask(within, b, None, n, n, device=sid.device),
-            create_block_mask(glob, b, None, n, n, device=sid.device))
+    return (create_block_mask(within, b, None, n, n, device=sid.device), create_block_mask(glob, b, None, n, n, device=sid.device))
 
 
 _compiled_flex = None
@@ -389,9 +395,7 @@ class E1ForMaskedLM(nn.Module):
         self.config = config
         self.model = E1Model(config, attn_impl)
         h = config.hidden_size
-        self.mlm_head = nn.Sequential(
-            nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=config.rms_norm_eps), nn.Linear(h, config.vocab_size)
-        )
+        self.mlm_head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=config.rms_norm_eps), nn.Linear(h, config.vocab_size))
 
     def forward(
         self,

@@ -10,8 +10,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -32,7 +33,9 @@ DEFAULT_CHUNK = 256
 class Progress:
     """A progress line on stderr: proteins/s, residues/s, ETA (carriage-return updates on a terminal)."""
 
-    def __init__(self, total: int, residues: int, label: str = "predicted", enabled: bool = True, stream: TextIO | None = None, world_size: int = 1):
+    def __init__(
+        self, total: int, residues: int, label: str = "predicted", enabled: bool = True, stream: TextIO | None = None, world_size: int = 1
+    ):
         self.total, self.total_residues, self.label = total, residues, label
         self.enabled, self.stream, self.world = enabled, stream or sys.stderr, world_size
         self.done = self.residues = 0
@@ -53,8 +56,10 @@ class Progress:
         done = min(self.done, self.total)
         rate = done / el
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        msg = (f"{self.label} {done}/{self.total} proteins | {rate:.1f} proteins/s, {self.residues / el:.0f} residues/s"
-               f" | elapsed {format_duration(el)} ETA {format_duration(eta)}")
+        msg = (
+            f"{self.label} {done}/{self.total} proteins | {rate:.1f} proteins/s, {self.residues / el:.0f} residues/s"
+            f" | elapsed {format_duration(el)} ETA {format_duration(eta)}"
+        )
         self.stream.write(("\r" + msg) if self.tty else msg + "\n")
         self.stream.flush()
 
@@ -62,10 +67,18 @@ class Progress:
         el = max(time.time() - self.t0, 1e-9)
         if self.enabled and self.tty:
             self.stream.write("\n")
-        return {"proteins": self.done, "residues": self.residues, "seconds": el, "proteins_per_s": self.done / el, "residues_per_s": self.residues / el}
+        return {
+            "proteins": self.done,
+            "residues": self.residues,
+            "seconds": el,
+            "proteins_per_s": self.done / el,
+            "residues_per_s": self.residues / el,
+        }
 
 
-def _tsv_lines(rec: Record, ion: str, mean: np.ndarray, std: np.ndarray, threshold: float | None, labels: np.ndarray | None = None) -> list[str]:
+def _tsv_lines(
+    rec: Record, ion: str, mean: np.ndarray, std: np.ndarray, threshold: float | None, labels: np.ndarray | None = None
+) -> list[str]:
     calls = [""] * len(mean) if threshold is None else ["1" if c else "0" for c in (mean >= threshold).tolist()]
     lab = [] if labels is None else [f"\t{int(v)}" for v in labels.tolist()]
     return [
@@ -74,7 +87,9 @@ def _tsv_lines(rec: Record, ion: str, mean: np.ndarray, std: np.ndarray, thresho
     ]
 
 
-def _jsonl_line(rec: Record, results: dict[str, tuple[np.ndarray, np.ndarray]], thresholds: dict[str, float | None], labels: bool = False) -> str:
+def _jsonl_line(
+    rec: Record, results: dict[str, tuple[np.ndarray, np.ndarray]], thresholds: dict[str, float | None], labels: bool = False
+) -> str:
     obj: dict[str, Any] = {"id": rec.id, "sequence": rec.sequence, "ions": {}}
     for ion, (mean, std) in results.items():
         t = thresholds.get(ion)
@@ -157,7 +172,7 @@ def merge_parts(out: Path, parts: Sequence[Path], ids: Sequence[str], fmt: str) 
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             if fmt == "tsv":
                 header = None
-                for k, h in enumerate(handles):
+                for h in handles:
                     line = h.readline()
                     header = header or line
                 fh.write(header or "\t".join(TSV_HEADER) + "\n")
@@ -300,10 +315,21 @@ def embed_file(
     flush()
     stats = prog.finish()
     hidden = backbone.config.hidden_size
-    meta = {"format": "e1min-embeddings", "version": 2, "hidden_size": hidden, "per_residue": per_residue, "dtype": "float32",
-            "pooling": "mean over query residues of the final-norm hidden states",
-            "keys": "{id} in embeddings-*.safetensors (mean, hidden_size); {id} in residues-*.safetensors (per residue, L x hidden_size)",
-            "model": info or {}, "runtime": describe(device, precision), "proteins": len(index), "shards": shards, "index": index,
-            "residue_shards": residue_shards, "residues_index": residues_index}
+    meta = {
+        "format": "e1min-embeddings",
+        "version": 2,
+        "hidden_size": hidden,
+        "per_residue": per_residue,
+        "dtype": "float32",
+        "pooling": "mean over query residues of the final-norm hidden states",
+        "keys": "{id} in embeddings-*.safetensors (mean, hidden_size); {id} in residues-*.safetensors (per residue, L x hidden_size)",
+        "model": info or {},
+        "runtime": describe(device, precision),
+        "proteins": len(index),
+        "shards": shards,
+        "index": index,
+        "residue_shards": residue_shards,
+        "residues_index": residues_index,
+    }
     atomic_write_json(out_dir / "index.json", meta)
     return {**stats, "shards": len(shards)}

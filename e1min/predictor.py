@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -238,7 +239,11 @@ def _load_base(d: Path, meta: dict, base_model: str | os.PathLike | None, device
     except ConfigError as e:
         raise RunCheckpointError(str(e)) from None
     trained = meta["base_config"]
-    diff = [f"{k}: trained on {trained.get(k)}, base has {getattr(config, k)}" for k in SHAPE_KEYS if k in trained and trained[k] != getattr(config, k)]
+    diff = [
+        f"{k}: trained on {trained.get(k)}, base has {getattr(config, k)}"
+        for k in SHAPE_KEYS
+        if k in trained and trained[k] != getattr(config, k)
+    ]
     if diff:
         raise RunCheckpointError(
             f"{d}: the adapter was trained on a base model of another shape than {name} ({'; '.join(diff)}); "
@@ -247,8 +252,9 @@ def _load_base(d: Path, meta: dict, base_model: str | os.PathLike | None, device
     return load_model(directory, dtype=dtype or torch.float32, device=device)
 
 
-def _build(states: list[tuple[Path, dict]], base_model, device, dtype, precision: str | None, merge: bool, names: list[str],
-           run_dir: Path | None) -> Predictor:
+def _build(
+    states: list[tuple[Path, dict]], base_model, device, dtype, precision: str | None, merge: bool, names: list[str], run_dir: Path | None
+) -> Predictor:
     """One BindingModel for the state directories ``states`` ((directory, checkpoint.json) of each fold)."""
     device = resolve_device(device)
     first_dir, first = states[0]
@@ -256,8 +262,10 @@ def _build(states: list[tuple[Path, dict]], base_model, device, dtype, precision
     for d, m in states[1:]:
         for key in ("ions", "base_model", "base_revision", "base_config", "lora", "max_query_length", "max_example_tokens"):
             if m.get(key) != first.get(key):
-                raise RunCheckpointError(f"{d}: {key} differs from {first_dir} ({str(m.get(key))[:80]!r} vs {str(first.get(key))[:80]!r}); "
-                                         "folds of one run must agree")
+                raise RunCheckpointError(
+                    f"{d}: {key} differs from {first_dir} ({str(m.get(key))[:80]!r} vs {str(first.get(key))[:80]!r}); "
+                    "folds of one run must agree"
+                )
     backbone = _load_base(first_dir, first, base_model, device, dtype)
     model = BindingModel(backbone, ions, head_dropout=0.0)
     model.heads.to(device)
@@ -268,8 +276,14 @@ def _build(states: list[tuple[Path, dict]], base_model, device, dtype, precision
         load_heads(d, model)
         if len(states) > 1:
             mlm = {k: v.detach().clone() for k, v in backbone.mlm_head.state_dict().items()} if backbone.lora_config.train_mlm_head else {}
-            folds.append(_FoldWeights(name, {k: v.clone() for k, v in lora_state_dict(backbone).items()}, mlm,
-                                      {k: v.detach().clone() for k, v in model.heads.state_dict().items()}))
+            folds.append(
+                _FoldWeights(
+                    name,
+                    {k: v.clone() for k, v in lora_state_dict(backbone).items()},
+                    mlm,
+                    {k: v.detach().clone() for k, v in model.heads.state_dict().items()},
+                )
+            )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -277,9 +291,18 @@ def _build(states: list[tuple[Path, dict]], base_model, device, dtype, precision
     if len(states) == 1 and merge:
         merge_lora(backbone)
         merged = True
-    pred = Predictor(model=model, ions=ions, thresholds=_read_thresholds(run_dir), meta=first, device=device,
-                     precision=inference_precision(device, precision),
-                     folds=folds, fold_names=names, merged=merged, run_dir=run_dir)
+    pred = Predictor(
+        model=model,
+        ions=ions,
+        thresholds=_read_thresholds(run_dir),
+        meta=first,
+        device=device,
+        precision=inference_precision(device, precision),
+        folds=folds,
+        fold_names=names,
+        merged=merged,
+        run_dir=run_dir,
+    )
     if folds:
         pred._active = len(folds) - 1  # the last loaded fold's weights are in the model
     return pred
@@ -398,8 +421,12 @@ def load_backbone(path: str | os.PathLike, fold: int | None = None, base_model=N
                 raise RunCheckpointError(f"{p}: fold {k} not complete; complete folds: {available}")
             p = RunDir(p).fold(k)
         pred = load_checkpoint(p, base_model=base_model, device=device, dtype=dtype, merge=True)
-        info = {"source": "fine-tuned", "checkpoint": pred.fold_names[0], "base_model": pred.meta.get("base_model"),
-                "max_query_length": pred.max_query_length}
+        info = {
+            "source": "fine-tuned",
+            "checkpoint": pred.fold_names[0],
+            "base_model": pred.meta.get("base_model"),
+            "max_query_length": pred.max_query_length,
+        }
         return pred.model.backbone, info
     backbone = load_model(path, dtype=dtype or torch.float32, device=resolve_device(device))
     return backbone, {"source": "base", "checkpoint": str(path), "base_model": str(path), "max_query_length": None}

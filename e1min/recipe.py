@@ -39,7 +39,9 @@ class TrainConfigError(E1minError, ValueError):
 REQUIRED = object()  # the "default" of a key the user must give
 
 
-def opt(default: Any = MISSING, doc: str = "", *, range: str | None = None, choices: tuple[str, ...] | None = None, factory: Any = None) -> Any:
+def opt(
+    default: Any = MISSING, doc: str = "", *, range: str | None = None, choices: tuple[str, ...] | None = None, factory: Any = None
+) -> Any:
     """A recipe field: default (none = required; ``factory`` for a mutable one), its doc, and its range or choices."""
     meta = {"doc": doc, "range": range, "choices": choices}
     return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
@@ -74,11 +76,17 @@ class Model:
 
     checkpoint: str = opt(doc="E1 checkpoint: a Hugging Face Hub repo id (Profluent-Bio/E1-600m) or a local directory")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of checkpoint; null = the default branch")
-    dropout: float = opt(0.3, "ION-HEAD dropout: the Dropout of every per-ion head (LayerNorm -> Dropout -> Linear); "
-                              "not LoRA's dropout, which is lora.lora_dropout", range="[0, 1)")
+    dropout: float = opt(
+        0.3,
+        "ION-HEAD dropout: the Dropout of every per-ion head (LayerNorm -> Dropout -> Linear); "
+        "not LoRA's dropout, which is lora.lora_dropout",
+        range="[0, 1)",
+    )
     dtype: str = opt("float32", "dtype of the frozen base weights (LoRA, heads, optimiser stay float32)", choices=("float32", "bfloat16"))
     gradient_checkpointing: bool = opt(False, "recompute backbone activations in backward (less memory, slower)")
-    matmul_precision: str = opt("highest", "float32 matmul precision (torch.set_float32_matmul_precision)", choices=("highest", "high", "medium"))
+    matmul_precision: str = opt(
+        "highest", "float32 matmul precision (torch.set_float32_matmul_precision)", choices=("highest", "high", "medium")
+    )
 
     @property
     def head_dropout(self) -> float:
@@ -100,8 +108,15 @@ class Lora:
 
     def apply_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``e1min.lora.apply_lora``."""
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.lora_dropout, "target_modules": self.target_modules,
-                "layers": self.layers, "use_rslora": self.use_rslora, "train_mlm_head": self.train_mlm_head}
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.lora_dropout,
+            "target_modules": self.target_modules,
+            "layers": self.layers,
+            "use_rslora": self.use_rslora,
+            "train_mlm_head": self.train_mlm_head,
+        }
 
     def to_lora_config(self) -> LoRAConfig:
         """The ``LoRAConfig`` that ``apply_lora(**apply_kwargs())`` records (layers sorted)."""
@@ -118,8 +133,9 @@ class Training:
     epochs: int = opt(40, "maximum epochs per fold", range=">= 1")
     warmup_epochs: float = opt(5, "linear learning-rate warm-up, in epochs (may be fractional)", range=">= 0")
     batch_size: int = opt(2, "examples per micro-batch (when max_tokens_per_batch is null)", range=">= 1")
-    max_tokens_per_batch: int | None = opt(None, "token-budget batching when set: micro-batches of up to this many "
-                                                 "tokens instead of batch_size examples", range=">= 1")
+    max_tokens_per_batch: int | None = opt(
+        None, "token-budget batching when set: micro-batches of up to this many tokens instead of batch_size examples", range=">= 1"
+    )
     accum_steps: int = opt(1, "micro-batches accumulated per optimiser step", range=">= 1")
     learning_rate: float = opt(1e-4, "peak AdamW learning rate (after warm-up)", range=">= 0")
     min_lr: float = opt(1e-6, "end of the cosine decay; <= learning_rate", range=">= 0")
@@ -139,10 +155,13 @@ class Training:
     threshold_method: str = opt("youden", "how per-ion thresholds are fitted on out-of-fold predictions", choices=("youden", "f1", "mcc"))
     output_dir: str = opt("results/run", "the run directory")
     bf16: bool = opt(False, "bf16 autocast on CUDA (and on CPUs with native bf16; ignored with a note otherwise)")
-    msa_sampling: MSASampling = opt(doc="how training context rows are drawn; unset keys from data.msa.TRAIN_SAMPLING",
-                                    factory=lambda: copy.copy(TRAIN_SAMPLING))
-    validation_msa_sampling: MSASampling = opt(doc="how validation context rows are drawn; unset keys from "
-                                                   "data.msa.VALIDATION_SAMPLING", factory=lambda: copy.copy(VALIDATION_SAMPLING))
+    msa_sampling: MSASampling = opt(
+        doc="how training context rows are drawn; unset keys from data.msa.TRAIN_SAMPLING", factory=lambda: copy.copy(TRAIN_SAMPLING)
+    )
+    validation_msa_sampling: MSASampling = opt(
+        doc="how validation context rows are drawn; unset keys from data.msa.VALIDATION_SAMPLING",
+        factory=lambda: copy.copy(VALIDATION_SAMPLING),
+    )
     eval_max_tokens_per_batch: int = opt(16384, "token budget of a validation batch", range=">= 1")
 
 
@@ -157,8 +176,11 @@ IGNORED = {
 # MSA sampling settings: key -> (type, low, high). E1 takes at most 512 sequences per example
 # (511 context rows + the query), so more samples would fail mid-run in the tokenizer.
 MSA_SAMPLING_KEYS: dict[str, tuple[type, float, float | None]] = {
-    "max_num_samples": (int, 0, 511), "max_token_length": (int, 0, None), "neighbor_similarity_lower_bound": (float, 0.0, 1.0),
-    "min_query_similarity": (float, 0.0, 1.0), "max_query_similarity": (float, 0.0, 1.0),
+    "max_num_samples": (int, 0, 511),
+    "max_token_length": (int, 0, None),
+    "neighbor_similarity_lower_bound": (float, 0.0, 1.0),
+    "min_query_similarity": (float, 0.0, 1.0),
+    "max_query_similarity": (float, 0.0, 1.0),
 }
 
 
@@ -300,8 +322,9 @@ def _semantic_checks(cfg: dict, check_files: bool) -> list[str]:
         p.append(f"'training.min_lr' ({t['min_lr']}) must be <= 'training.learning_rate' ({t['learning_rate']})")
     known = set(lora["target_modules"]) if all(isinstance(m, str) for m in lora["target_modules"]) else set()
     if known - set(DEFAULT_TARGETS):
-        p.append(f"'lora.target_modules' has unknown module(s) {short(sorted(known - set(DEFAULT_TARGETS)))}; "
-                 f"known: {list(DEFAULT_TARGETS)}")
+        p.append(
+            f"'lora.target_modules' has unknown module(s) {short(sorted(known - set(DEFAULT_TARGETS)))}; known: {list(DEFAULT_TARGETS)}"
+        )
     for key in ("msa_sampling", "validation_msa_sampling"):
         p += msa_sampling_problems(f"training.{key}", t[key])
     if g["device"] is not None:
@@ -332,13 +355,18 @@ def _range_problems(cfg: dict) -> list[str]:
             too_low = low is not None and (value < low if low_inc else value <= low)
             too_high = high is not None and (value > high if high_inc else value >= high)
             if too_low or too_high:
-                wanted = f"{'>=' if low_inc else '>'} {low}" if high is None else \
-                    f"in {'[' if low_inc else '('}{low}, {high}{']' if high_inc else ')'}"
+                wanted = (
+                    f"{'>=' if low_inc else '>'} {low}"
+                    if high is None
+                    else f"in {'[' if low_inc else '('}{low}, {high}{']' if high_inc else ')'}"
+                )
                 problems.append(f"'{section}.{f.name}' must be {wanted}, got {short(value)}")
     return problems
 
 
-def _list_problems(dotted: str, values: list, kind: type, required: bool = False, low: int | None = None, high: int | None = None) -> list[str]:
+def _list_problems(
+    dotted: str, values: list, kind: type, required: bool = False, low: int | None = None, high: int | None = None
+) -> list[str]:
     """A flat list of ``kind`` values, without duplicates (and within [low, high] for integers)."""
     if required and not values:
         return [f"'{dotted}' must not be empty"]
@@ -360,14 +388,19 @@ def msa_sampling_problems(dotted: str, given: Any) -> list[str]:
     problems = []
     for key, value in given.items():
         if key not in MSA_SAMPLING_KEYS:
-            problems.append(f"unknown key '{dotted}.{short(key)[1:-1] if isinstance(key, str) else short(key)}'; known: {', '.join(MSA_SAMPLING_KEYS)}")
+            problems.append(
+                f"unknown key '{dotted}.{short(key)[1:-1] if isinstance(key, str) else short(key)}'; known: {', '.join(MSA_SAMPLING_KEYS)}"
+            )
             continue
         kind, low, high = MSA_SAMPLING_KEYS[key]
         ok_type = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
         if isinstance(value, bool) or not ok_type:
             problems.append(f"'{dotted}.{key}' must be {'a number' if kind is float else 'an integer'}, got {short(value)}")
         elif value < low or (high is not None and value > high):
-            problems.append(f"'{dotted}.{key}' must be in [{low}, {high if high is not None else 'inf'}], got {short(value)}" + (" (E1 takes at most 512 sequences per example: 511 context rows + the query)" if key == "max_num_samples" else ""))
+            problems.append(
+                f"'{dotted}.{key}' must be in [{low}, {high if high is not None else 'inf'}], got {short(value)}"
+                + (" (E1 takes at most 512 sequences per example: 511 context rows + the query)" if key == "max_num_samples" else "")
+            )
     if not problems and given.get("min_query_similarity", 0.0) > given.get("max_query_similarity", 1.0):
         problems.append(f"'{dotted}.min_query_similarity' is larger than its max_query_similarity")
     return problems
@@ -383,7 +416,9 @@ def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = F
         key = loader.construct_object(key_node, deep=deep)
         line = key_node.start_mark.line + 1
         if isinstance(key, (str, int, float, bool)) and key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {short(key)} (lines {seen[key]} and {line})", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {short(key)} (lines {seen[key]} and {line})", key_node.start_mark
+            )
         if isinstance(key, (str, int, float, bool)):
             seen[key] = line
     return loader.construct_mapping(node, deep=deep)
@@ -391,7 +426,9 @@ def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = F
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 # YAML 1.1 (PyYAML) reads ``1e-4`` as a string; learning rates are written that way, so read it as a float.
-_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load_yaml(text: str) -> Any:

@@ -9,8 +9,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +19,8 @@ from e1min import metrics
 from e1min.data.fasta import DataError, Record
 from e1min.io import atomic_path, atomic_write_json, atomic_write_text, read_json_object
 from e1min.plotting import pyplot
-from e1min.run import RunDir, RunStateError
 from e1min.recipe import Recipe, load_recipe
+from e1min.run import RunDir, RunStateError
 
 log = logging.getLogger("e1min")
 
@@ -31,7 +32,10 @@ def write_oof(path: Path, records: dict[str, list[Record]], probs: dict[str, lis
     lines = [OOF_HEADER]
     for ion, recs in records.items():
         for r, p in zip(recs, probs[ion]):
-            lines.extend(f"{r.id}\t{i + 1}\t{aa}\t{ion}\t{q:.6g}\t{y}\n" for i, (aa, q, y) in enumerate(zip(r.sequence, p.tolist(), r.labels.tolist())))
+            lines.extend(
+                f"{r.id}\t{i + 1}\t{aa}\t{ion}\t{q:.6g}\t{y}\n"
+                for i, (aa, q, y) in enumerate(zip(r.sequence, p.tolist(), r.labels.tolist()))
+            )
     atomic_write_text(path, "".join(lines))
 
 
@@ -75,7 +79,13 @@ def summarise(out: Path, ions: Sequence[str], num_folds: int, method: str) -> di
         y_all = np.concatenate([v[0] for v in per_fold.values()])
         p_all = np.concatenate([v[1] for v in per_fold.values()])
         thr, value = metrics.best_threshold(y_all, p_all, method)
-        thresholds[ion] = {"threshold": thr, "method": method, "value": value, "fitted_on": "pooled out-of-fold predictions", "folds": list(per_fold)}
+        thresholds[ion] = {
+            "threshold": thr,
+            "method": method,
+            "value": value,
+            "fitted_on": "pooled out-of-fold predictions",
+            "folds": list(per_fold),
+        }
         cols: dict[str, list[float]] = {k: [] for k in ("auprc", "auroc", "hra", "hra_raw", "f1", "mcc", "precision", "recall")}
         for k, (y, p) in per_fold.items():
             # F1/MCC at a threshold fitted on the *other* folds' predictions (honest); own fold only if alone.
@@ -101,8 +111,12 @@ def summarise(out: Path, ions: Sequence[str], num_folds: int, method: str) -> di
 
 def summary_markdown(ions_out: dict, folds: list[int], notes: Sequence[str] = ()) -> str:
     cols = ("auprc", "auroc", "hra", "f1", "mcc")
-    lines = [f"Cross-validation summary over folds {', '.join(map(str, folds))} (mean ± std; F1/MCC at out-of-fold thresholds)", "",
-             "| ion | positive rate | " + " | ".join(c.upper() for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    lines = [
+        f"Cross-validation summary over folds {', '.join(map(str, folds))} (mean ± std; F1/MCC at out-of-fold thresholds)",
+        "",
+        "| ion | positive rate | " + " | ".join(c.upper() for c in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
     for ion, m in ions_out.items():
         lines.append(f"| {ion} | {m['positive_rate']:.4f} | " + " | ".join(f"{m[c]['mean']:.3f} ± {m[c]['std']:.3f}" for c in cols) + " |")
     if notes:
@@ -112,17 +126,29 @@ def summary_markdown(ions_out: dict, folds: list[int], notes: Sequence[str] = ()
 
 def write_plots(plot_dir: Path, fold: int, history: list[dict], ions: Sequence[str]) -> None:
     """Loss and AUPRC curves per ion: PNG with matplotlib, else CSV (and one note)."""
-    rows = [(h["epoch"], ion, h["train_bce"].get(ion), h["val"][ion].get("val_bce"), h["val"][ion].get("auprc")) for h in history for ion in ions]
+    rows = [
+        (h["epoch"], ion, h["train_bce"].get(ion), h["val"][ion].get("val_bce"), h["val"][ion].get("auprc"))
+        for h in history
+        for ion in ions
+    ]
     plot_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(plot_dir / f"curves_fold_{fold}.csv", "epoch,ion,train_bce,val_bce,val_auprc\n" + "".join(",".join("" if v is None else str(v) for v in r) + "\n" for r in rows))
+    atomic_write_text(
+        plot_dir / f"curves_fold_{fold}.csv",
+        "epoch,ion,train_bce,val_bce,val_auprc\n" + "".join(",".join("" if v is None else str(v) for v in r) + "\n" for r in rows),
+    )
     plt = pyplot()
     if plt is None:
-        log.info("matplotlib not installed: curves written as %s only (pip install 'e1min[plot]' for PNGs)", plot_dir / f"curves_fold_{fold}.csv")
+        log.info(
+            "matplotlib not installed: curves written as %s only (pip install 'e1min[plot]' for PNGs)", plot_dir / f"curves_fold_{fold}.csv"
+        )
         return
     for ion in ions:
         mine = [r for r in rows if r[1] == ion]
         epochs = [r[0] for r in mine]
-        for name, series, ylabel in (("loss", [(2, "train BCE"), (3, "validation BCE")], "BCE"), ("auprc", [(4, "validation AUPRC")], "AUPRC")):
+        for name, series, ylabel in (
+            ("loss", [(2, "train BCE"), (3, "validation BCE")], "BCE"),
+            ("auprc", [(4, "validation AUPRC")], "AUPRC"),
+        ):
             fig, ax = plt.subplots(figsize=(5, 3.5))
             for col, label in series:
                 ax.plot(epochs, [np.nan if r[col] is None else r[col] for r in mine], marker="o", label=label)

@@ -1,10 +1,10 @@
 """The run directory: its layout, one writer at a time (a lock file), and cleanup after interrupted saves.
 
-    results/<run>/
-      .e1min.lock          pid, host and start time of the process writing this run (while it runs)
-      config.yaml folds.json data_stats.json training.log summary.{json,md} thresholds.json plots/
-      fold_K/              best/ last/ (adapter + heads [+ optimizer] + checkpoint.json)
-                           fold_result.json metrics.jsonl oof_predictions.tsv
+results/<run>/
+  .e1min.lock          pid, host and start time of the process writing this run (while it runs)
+  config.yaml folds.json data_stats.json training.log summary.{json,md} thresholds.json plots/
+  fold_K/              best/ last/ (adapter + heads [+ optimizer] + checkpoint.json)
+                       fold_result.json metrics.jsonl oof_predictions.tsv
 """
 
 from __future__ import annotations
@@ -133,10 +133,14 @@ class RunLock:
         except (OSError, ValueError, KeyError, TypeError):
             return f"{self.path}: locked by another e1min process (unreadable lock file); if none is running: rm {self.path}"
         if host == socket.gethostname() and not _pid_alive(pid):
-            return (f"{self.path}: stale lock of process {pid} (started {started}), which is no longer running; "
-                    f"if no other e1min run uses {self.path.parent}: rm {self.path}")
-        return (f"{self.path.parent}: another e1min run is writing here (pid {pid} on {host}, started {started}); "
-                f"use another training.output_dir or wait for it to finish")
+            return (
+                f"{self.path}: stale lock of process {pid} (started {started}), which is no longer running; "
+                f"if no other e1min run uses {self.path.parent}: rm {self.path}"
+            )
+        return (
+            f"{self.path.parent}: another e1min run is writing here (pid {pid} on {host}, started {started}); "
+            f"use another training.output_dir or wait for it to finish"
+        )
 
 
 def _pid_alive(pid: int) -> bool:

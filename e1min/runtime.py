@@ -73,7 +73,10 @@ def training_precision(device: torch.device, bf16_requested: bool) -> Precision:
         return "float32"
     if bf16_is_fast(device):
         return "bf16"
-    _note_once("bf16-train", f"note: training.bf16 ignored on {device} (no native bf16: emulated bf16 is far slower than float32); training runs float32")
+    _note_once(
+        "bf16-train",
+        f"note: training.bf16 ignored on {device} (no native bf16: emulated bf16 is far slower than float32); training runs float32",
+    )
     return "float32"
 
 

@@ -7,7 +7,7 @@ same way: ``score_records`` (probabilities per protein) and ``iter_embedded`` (h
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,8 +18,16 @@ from e1min.data.dataset import Example, stitch_predictions
 from e1min.dist import DistContext
 from e1min.runtime import autocast, bf16_is_fast, cpu_has_native_bf16, parse_precision
 
-__all__ = ["cpu_has_native_bf16", "use_bf16", "autocast_context", "to_device", "iter_scored", "score_examples", "score_records",
-           "iter_embedded"]
+__all__ = [
+    "cpu_has_native_bf16",
+    "use_bf16",
+    "autocast_context",
+    "to_device",
+    "iter_scored",
+    "score_examples",
+    "score_records",
+    "iter_embedded",
+]
 
 
 def use_bf16(device: torch.device, requested: bool) -> bool:

@@ -6,7 +6,7 @@ A multi-sequence input ``CTX1,CTX2,QUERY`` concatenates the encodings; the query
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -67,8 +67,7 @@ def encode(
     for k, seq in enumerate(seqs):
         if len(seq) + SPECIALS_PER_SEQUENCE > max_positions_within_seq:
             raise EncodingError(
-                f"sequence {k + 1} has {len(seq)} residues; the position limit allows "
-                f"{max_positions_within_seq - SPECIALS_PER_SEQUENCE}"
+                f"sequence {k + 1} has {len(seq)} residues; the position limit allows {max_positions_within_seq - SPECIALS_PER_SEQUENCE}"
             )
         try:
             res = residue_ids(seq)

@@ -28,10 +28,34 @@ from e1min.trainer import (
 )
 
 __all__ = [
-    "FoldState", "FoldTrainer", "LossSpec", "RunData", "backward_window", "build_model", "build_optimizer", "epoch_plan",
-    "lr_at", "optimizer_step", "plan_padding", "predict_records", "trainable", "check_fold_meta", "data_fingerprint",
-    "prepare_run", "run_cross_validation", "setup_logging", "train_run", "OOF_HEADER", "read_oof", "report_run", "summarise",
-    "summary_markdown", "write_oof", "write_plots", "main", "report_main",
+    "FoldState",
+    "FoldTrainer",
+    "LossSpec",
+    "RunData",
+    "backward_window",
+    "build_model",
+    "build_optimizer",
+    "epoch_plan",
+    "lr_at",
+    "optimizer_step",
+    "plan_padding",
+    "predict_records",
+    "trainable",
+    "check_fold_meta",
+    "data_fingerprint",
+    "prepare_run",
+    "run_cross_validation",
+    "setup_logging",
+    "train_run",
+    "OOF_HEADER",
+    "read_oof",
+    "report_run",
+    "summarise",
+    "summary_markdown",
+    "write_oof",
+    "write_plots",
+    "main",
+    "report_main",
 ]
 
 main = command("train")

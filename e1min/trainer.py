@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,9 +96,7 @@ def epoch_plan(cfg: Recipe | dict, data: RunData, train: dict[str, list[Record]]
     d, t, seed = cfg.data, cfg.training, cfg.general.seed
     batches_by_ion, examples_by_ion = {}, {}
     for ion, recs in train.items():
-        examples = make_train_examples(
-            recs, ion, data.provider, data.train_sampling, seed, epoch, d.max_query_length, d.max_example_tokens
-        )
+        examples = make_train_examples(recs, ion, data.provider, data.train_sampling, seed, epoch, d.max_query_length, d.max_example_tokens)
         lengths = [ex.num_tokens for ex in examples]
         ion_seed = stable_seed(seed, epoch, ion, "batches")
         if t.max_tokens_per_batch:
@@ -167,8 +166,14 @@ def backward_window(
         loss = joint_loss(terms, bce_tokens, mlm_tokens, spec.mlm_weight)
         loss.backward()
         i = ions.index(ion)
-        stats[i] += torch.stack([terms.bce_sum.detach().double(), torch.tensor(float(terms.bce_tokens), device=ctx.device, dtype=torch.float64),
-                                 terms.mlm_sum.detach().double(), torch.tensor(float(terms.mlm_tokens), device=ctx.device, dtype=torch.float64)])
+        stats[i] += torch.stack(
+            [
+                terms.bce_sum.detach().double(),
+                torch.tensor(float(terms.bce_tokens), device=ctx.device, dtype=torch.float64),
+                terms.mlm_sum.detach().double(),
+                torch.tensor(float(terms.mlm_tokens), device=ctx.device, dtype=torch.float64),
+            ]
+        )
     return stats.cpu()
 
 
@@ -204,7 +209,11 @@ class FoldTrainer:
         self.params = [p for _, p in trainable(self.model)]
         ctx.broadcast_parameters(self.params)
         self.optimizer = build_optimizer(self.model, t.learning_rate, t.weight_decay)
-        self.masking = MaskingConfig(probability=t.mlm_probability, mask_context=t.mask_context) if t.mlm_weight > 0 and t.mlm_probability > 0 else None
+        self.masking = (
+            MaskingConfig(probability=t.mlm_probability, mask_context=t.mask_context)
+            if t.mlm_weight > 0 and t.mlm_probability > 0
+            else None
+        )
         self.precision = training_precision(ctx.device, t.bf16)
         self.loss_spec = LossSpec(self.pos_weight, t.mlm_weight, t.focal_gamma, self.masking is not None)
         self.state = FoldState()
@@ -240,16 +249,28 @@ class FoldTrainer:
             if self.ctx.any(self.state.bad_epochs >= t.early_stop_patience, "early_stop"):
                 log.info("fold %d: early stop after epoch %d (best epoch %d)", self.fold + 1, epoch + 1, self.state.best_epoch + 1)
                 break
-        result = {"fold": self.fold + 1, "best_epoch": self.state.best_epoch + 1, "best_metric": self.state.best_metric,
-                  "selection_metric": t.selection_metric, "complete": True}
+        result = {
+            "fold": self.fold + 1,
+            "best_epoch": self.state.best_epoch + 1,
+            "best_metric": self.state.best_metric,
+            "selection_metric": t.selection_metric,
+            "complete": True,
+        }
         if self.state.best_epoch < 0:
             # The selection metric was undefined (NaN) at every epoch: no positive residue in the held-out
             # fold, or an empty one. Keep the last epoch as best/ so the fold stays loadable, and say so.
-            log.warning("fold %d: %s undefined at every epoch (no positive residue in the validation fold?); "
-                        "best/ holds the last epoch", self.fold + 1, t.selection_metric)
+            log.warning(
+                "fold %d: %s undefined at every epoch (no positive residue in the validation fold?); best/ holds the last epoch",
+                self.fold + 1,
+                t.selection_metric,
+            )
             result.update(best_epoch=None, best_metric=None, selection="last epoch: selection metric undefined at every epoch")
             if self.ctx.is_main and self._last_val is not None:
-                save_state(self.rundir.state(self.fold + 1, "best"), self.model, self.meta({ion: v["metrics"] for ion, v in self._last_val.items()}))
+                save_state(
+                    self.rundir.state(self.fold + 1, "best"),
+                    self.model,
+                    self.meta({ion: v["metrics"] for ion, v in self._last_val.items()}),
+                )
                 write_oof(self.rundir.oof(self.fold + 1), self.val_records, {ion: v["probs"] for ion, v in self._last_val.items()})
         if self.ctx.is_main:
             atomic_write_json(self.rundir.fold_result(self.fold + 1), result)
@@ -271,8 +292,10 @@ class FoldTrainer:
             # Dropout RNG per global micro-batch (shard() deals plan entry j * world + rank to this rank's
             # j-th slot): NGPU=2 with accum 1 draws what one process with accum 2 draws, and a resumed
             # run draws what an uninterrupted one would.
-            seeds = [stable_seed(cfg.general.seed, self.fold, epoch, "dropout", (w * t.accum_steps + j) * ctx.world_size + ctx.rank)
-                     for j in range(len(window))]
+            seeds = [
+                stable_seed(cfg.general.seed, self.fold, epoch, "dropout", (w * t.accum_steps + j) * ctx.world_size + ctx.rank)
+                for j in range(len(window))
+            ]
             tokens += sum(int((b["sequence_ids"] >= 0).sum()) for b, _ in filter(None, batches))
             stats += backward_window(self.model, batches, ctx, self.loss_spec, self.precision, seeds=seeds)
             self.optimizer_step()
@@ -283,8 +306,15 @@ class FoldTrainer:
                 s = stats.sum(0)
                 log.info(
                     "fold %d epoch %d/%d step %d/%d | bce %.4f mlm %.4f (rank 0) | lr %.2e | %.0f tok/s | ETA %s",
-                    self.fold + 1, epoch + 1, t.epochs, w + 1, n_windows, s[0] / max(1.0, s[1]), s[2] / max(1.0, s[3]),
-                    self.optimizer.param_groups[0]["lr"], tokens * ctx.world_size / max(elapsed, 1e-9),
+                    self.fold + 1,
+                    epoch + 1,
+                    t.epochs,
+                    w + 1,
+                    n_windows,
+                    s[0] / max(1.0, s[1]),
+                    s[2] / max(1.0, s[3]),
+                    self.optimizer.param_groups[0]["lr"],
+                    tokens * ctx.world_size / max(elapsed, 1e-9),
                     format_duration(elapsed / (w + 1) * (n_windows - w - 1)),
                 )
         ctx.all_reduce(stats, "sum", "train_loss_stats")
@@ -315,12 +345,21 @@ class FoldTrainer:
         """Per-ion metrics over every validation residue (all ranks compute the same numbers)."""
         out = {}
         for ion in self.ions:
-            probs = predict_records(self.model, self.val_records[ion], self.val_examples[ion], ion, self.ctx,
-                                    self.cfg.training.eval_max_tokens_per_batch, self.precision)
+            probs = predict_records(
+                self.model,
+                self.val_records[ion],
+                self.val_examples[ion],
+                ion,
+                self.ctx,
+                self.cfg.training.eval_max_tokens_per_batch,
+                self.precision,
+            )
             y = np.concatenate([r.labels for r in self.val_records[ion]]) if self.val_records[ion] else np.zeros(0)
             p = np.concatenate(probs) if probs else np.zeros(0)
             m = metrics.binary_metrics(y, p)
-            m["val_bce"] = float(-np.mean(y * np.log(np.clip(p, 1e-7, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-7, 1)))) if len(y) else float("nan")
+            m["val_bce"] = (
+                float(-np.mean(y * np.log(np.clip(p, 1e-7, 1)) + (1 - y) * np.log(np.clip(1 - p, 1e-7, 1)))) if len(y) else float("nan")
+            )
             out[ion] = {"metrics": m, "probs": probs}
         return out
 
@@ -332,8 +371,15 @@ class FoldTrainer:
         values = [m[key] for m in per_ion.values() if not math.isnan(m[key])]
         score = float(np.mean(values)) if values else float("nan")
         improved = not math.isnan(score) and score > st.best_metric + t.min_delta
-        record = {"fold": self.fold + 1, "epoch": epoch + 1, "step": st.step, f"mean_{key}": score, "improved": improved,
-                  **train_stats, "val": {ion: _json_metrics(m) for ion, m in per_ion.items()}}
+        record = {
+            "fold": self.fold + 1,
+            "epoch": epoch + 1,
+            "step": st.step,
+            f"mean_{key}": score,
+            "improved": improved,
+            **train_stats,
+            "val": {ion: _json_metrics(m) for ion, m in per_ion.items()},
+        }
         st.history.append(record)
         if improved:
             st.best_metric, st.best_epoch, st.bad_epochs = score, epoch, 0
@@ -342,9 +388,17 @@ class FoldTrainer:
         st.epoch = epoch + 1
         if self.ctx.is_main:
             summary = " ".join(f"{ion} auprc {m['auprc']:.3f} hra {m['hra']:.3f}" for ion, m in per_ion.items())
-            log.info("fold %d epoch %d: %s | mean %s %.4f%s | padding %.1f%% | %.0fs (F1/MCC at a threshold fitted on this fold are optimistic)",
-                     self.fold + 1, epoch + 1, summary, key, score, " *best*" if improved else "",
-                     100 * train_stats["padding_fraction"], train_stats["seconds"])
+            log.info(
+                "fold %d epoch %d: %s | mean %s %.4f%s | padding %.1f%% | %.0fs (F1/MCC at a threshold fitted on this fold are optimistic)",
+                self.fold + 1,
+                epoch + 1,
+                summary,
+                key,
+                score,
+                " *best*" if improved else "",
+                100 * train_stats["padding_fraction"],
+                train_stats["seconds"],
+            )
             meta = self.meta(per_ion)
             if improved:
                 save_state(self.rundir.state(self.fold + 1, "best"), self.model, meta)
@@ -356,19 +410,32 @@ class FoldTrainer:
     def meta(self, per_ion: dict) -> dict[str, Any]:
         c = self.cfg
         return {
-            "fold": self.fold + 1, "epoch": self.state.epoch, "ions": self.ions, "seed": c.general.seed,
-            "base_model": _base_model_id(c.model.checkpoint), "base_revision": c.model.revision,
+            "fold": self.fold + 1,
+            "epoch": self.state.epoch,
+            "ions": self.ions,
+            "seed": c.general.seed,
+            "base_model": _base_model_id(c.model.checkpoint),
+            "base_revision": c.model.revision,
             "base_config": self.model.backbone.config.to_dict(),
             "lora": c.to_dict()["lora"],
-            "head_dropout": c.model.head_dropout, "max_query_length": c.data.max_query_length,
-            "max_example_tokens": c.data.max_example_tokens, "validation_msa_sampling": self.data.val_sampling.__dict__,
+            "head_dropout": c.model.head_dropout,
+            "max_query_length": c.data.max_query_length,
+            "max_example_tokens": c.data.max_example_tokens,
+            "validation_msa_sampling": self.data.val_sampling.__dict__,
             "metrics": {ion: _json_metrics(m) for ion, m in per_ion.items()},
             "runtime": describe(self.ctx.device, self.precision),
         }
 
 
-def predict_records(model, records: Sequence[Record], examples: Sequence[Example], ion: str, ctx: DistContext,
-                    max_tokens: int, precision: str | bool = "float32") -> list[np.ndarray]:
+def predict_records(
+    model,
+    records: Sequence[Record],
+    examples: Sequence[Example],
+    ion: str,
+    ctx: DistContext,
+    max_tokens: int,
+    precision: str | bool = "float32",
+) -> list[np.ndarray]:
     """Per-protein probabilities in ``records`` order (``scoring.score_records``: ranks share the work)."""
     scores = score_records(model, examples, ion, ctx.device, max_tokens, precision, ctx)
     return [scores[r.id] for r in records]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,10 @@ def _peft_layout_copy(src: Path, dst: Path) -> int:
 
     dst.mkdir(parents=True, exist_ok=True)
     tensors = load_file(str(src / ADAPTER_WEIGHTS_NAME))
-    renamed = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in tensors.items()}
+    renamed = {
+        k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+        for k, v in tensors.items()
+    }
     save_file(renamed, str(dst / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     config = json.loads((src / ADAPTER_CONFIG_NAME).read_text())
     config.update(
@@ -221,7 +224,10 @@ def run_checks(
         moved = sum(not torch.equal(v, lora_before[k]) for k, v in model.named_parameters() if k in lora_before)
         n_params = sum(frozen[k].numel() for k in same)
         ok = names_ok and len(same) == len(snapshot) and moved == len(lora_before)
-        return ok, f"{len(same)}/{len(snapshot)} frozen tensors ({n_params:,} values) bit-identical after 5 AdamW steps; {moved}/{len(lora_before)} LoRA tensors moved"
+        return (
+            ok,
+            f"{len(same)}/{len(snapshot)} frozen tensors ({n_params:,} values) bit-identical after 5 AdamW steps; {moved}/{len(lora_before)} LoRA tensors moved",
+        )
 
     def check_merge():
         model.eval()

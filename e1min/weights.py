@@ -30,9 +30,7 @@ class CheckpointError(E1minError, ValueError):
     """A checkpoint that cannot be found, read, or does not match the model."""
 
 
-def resolve_directory(
-    name_or_path: str | os.PathLike, revision: str | None, allow_patterns: list[str], what: str = "checkpoint"
-) -> Path:
+def resolve_directory(name_or_path: str | os.PathLike, revision: str | None, allow_patterns: list[str], what: str = "checkpoint") -> Path:
     """Local directory as is; otherwise a Hub repo id, fetched (or taken from the cache) with huggingface_hub.
 
     Respects ``HF_HOME``, ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``. Raises CheckpointError naming ``what``.
@@ -68,7 +66,9 @@ def weight_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and "/" not in v and "\\" not in v for v in weight_map.values()):
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and "/" not in v and "\\" not in v for v in weight_map.values()
+        ):
             raise CheckpointError(f"{index}: 'weight_map' must be an object tensor name -> shard file name, got {show(weight_map)}")
         files = [directory / f for f in dict.fromkeys(weight_map.values())]
     elif (directory / WEIGHTS_NAME).exists():
@@ -142,11 +142,17 @@ def load_state_dict(
                     sl = fh.get_slice(k)
                     shapes[nk] = tuple(sl.get_shape())
                     dtypes[nk] = (f, k, str(sl.get_dtype()))
-    wrong = [f"{k}: {list(shapes[k])} in file, model expects {list(expected[k][0])}" for k in sorted(shapes) if shapes[k] != tuple(expected[k][0])]
+    wrong = [
+        f"{k}: {list(shapes[k])} in file, model expects {list(expected[k][0])}"
+        for k in sorted(shapes)
+        if shapes[k] != tuple(expected[k][0])
+    ]
     if wrong:
         problems.append("wrong shapes: " + "; ".join(wrong))
     # Every E1 weight is floating point; an integer tensor would be cast silently (cheap: header only).
-    not_float = [(f, k, dt) for nk, (f, k, dt) in sorted(dtypes.items()) if expected[nk][1].is_floating_point and not dt.startswith(_FLOAT_PREFIXES)]
+    not_float = [
+        (f, k, dt) for nk, (f, k, dt) in sorted(dtypes.items()) if expected[nk][1].is_floating_point and not dt.startswith(_FLOAT_PREFIXES)
+    ]
     if not_float:
         f, k, dt = not_float[0]
         more = f" (and {len(not_float) - 1} more)" if len(not_float) > 1 else ""
@@ -207,7 +213,9 @@ def _check_finite(state: dict[str, torch.Tensor], sums: list[torch.Tensor], orde
         if bool(bad.any()):
             n_nan = int(torch.isnan(t).sum())
             cast = f" after the cast from {_dtype_name(stored)} to {_dtype_name(t.dtype)}" if stored != t.dtype else ""
-            raise CheckpointError(f"{f}: tensor {k!r} has non-finite values{cast} ({n_nan} NaN, {int(bad.sum()) - n_nan} inf of {t.numel()})")
+            raise CheckpointError(
+                f"{f}: tensor {k!r} has non-finite values{cast} ({n_nan} NaN, {int(bad.sum()) - n_nan} inf of {t.numel()})"
+            )
 
 
 def load_model(

@@ -50,8 +50,14 @@ def toy_config(tmp_path, checkpoint, **sections):
         "model": {"checkpoint": str(checkpoint), "dropout": 0.0},
         "lora": {"r": 4, "alpha": 8},
         "training": {
-            "ions": ["ZN", "CA"], "epochs": 2, "warmup_epochs": 1, "max_tokens_per_batch": 512,
-            "learning_rate": 3e-3, "num_folds": 2, "folds": [1], "output_dir": str(tmp_path / "out"),
+            "ions": ["ZN", "CA"],
+            "epochs": 2,
+            "warmup_epochs": 1,
+            "max_tokens_per_batch": 512,
+            "learning_rate": 3e-3,
+            "num_folds": 2,
+            "folds": [1],
+            "output_dir": str(tmp_path / "out"),
         },
     }
     for section, values in sections.items():
@@ -94,8 +100,15 @@ def build_run(root: Path) -> Path:
         "data": {"fasta_path": str(data), "max_query_length": 64, "max_example_tokens": 1024},
         "model": {"checkpoint": str(ckpt), "dropout": 0.0},
         "lora": {"r": 4, "alpha": 8},
-        "training": {"ions": ["ZN", "CA"], "epochs": 1, "warmup_epochs": 1, "max_tokens_per_batch": 1024,
-                     "num_folds": 2, "output_dir": str(run), "learning_rate": 0.01},
+        "training": {
+            "ions": ["ZN", "CA"],
+            "epochs": 1,
+            "warmup_epochs": 1,
+            "max_tokens_per_batch": 1024,
+            "num_folds": 2,
+            "output_dir": str(run),
+            "learning_rate": 0.01,
+        },
     }
     cfg_path = root / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -55,10 +55,24 @@ def test_round_trip_exact_and_layout(saved, tiny_config):
     assert all(k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     cfg = json.loads((d / ADAPTER_CONFIG_NAME).read_text())
     required = {
-        "peft_type": "LORA", "task_type": None, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "modules_to_save": None, "base_model_name_or_path": "Profluent-Bio/E1-150m", "revision": "abc123",
-        "inference_mode": True, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "base_model_name_or_path": "Profluent-Bio/E1-150m",
+        "revision": "abc123",
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
     }
     for k, v in required.items():
         assert cfg[k] == v, k
@@ -99,7 +113,8 @@ def _peft_copy(src, dst, rename=lambda k: k, config_update=None, drop=(), add=No
 def test_peft_default_keys_and_bf16_tensors_load(saved, tmp_path, tiny_config):
     model, d = saved
     peft = _peft_copy(
-        d, tmp_path / "peft",
+        d,
+        tmp_path / "peft",
         rename=lambda k: k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"),
         config_update={"lora_bias": False, "exclude_modules": None, "megatron_core": "megatron.core", "loftq_config": {}},
     )
@@ -164,10 +179,17 @@ BAD = {
     "no prefix": dict(rename=lambda k: k.removeprefix("base_model.model."), match="without the 'base_model.model.' prefix"),
     "missing key": dict(drop=("layers.1.ffn.mlp.w2.lora_B",), match="missing keys"),
     "unexpected key": dict(add={"base_model.model.model.layers.0.ffn.mlp.w2.extra.weight": torch.zeros(2)}, match="unexpected keys"),
-    "DoRA magnitude": dict(add={"base_model.model.model.layers.0.norm_attn_norm.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}, match="DoRA"),
-    "LoRA bias tensor": dict(add={"base_model.model.model.layers.0.norm_attn_norm.self_attn.q_proj.lora_B.bias": torch.zeros(64)}, match="LoRA biases"),
+    "DoRA magnitude": dict(
+        add={"base_model.model.model.layers.0.norm_attn_norm.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}, match="DoRA"
+    ),
+    "LoRA bias tensor": dict(
+        add={"base_model.model.model.layers.0.norm_attn_norm.self_attn.q_proj.lora_B.bias": torch.zeros(64)}, match="LoRA biases"
+    ),
     "head keys without modules_to_save": dict(add={"base_model.model.mlm_head.0.weight": torch.zeros(64, 64)}, match="unexpected keys"),
-    "two adapter names": dict(rename=lambda k: k.replace(".lora_A.weight", ".lora_A.one.weight").replace(".lora_B.weight", ".lora_B.two.weight"), match="several adapters"),
+    "two adapter names": dict(
+        rename=lambda k: k.replace(".lora_A.weight", ".lora_A.one.weight").replace(".lora_B.weight", ".lora_B.two.weight"),
+        match="several adapters",
+    ),
 }
 
 
@@ -187,7 +209,12 @@ def test_strict_load_errors(case, saved, tmp_path, tiny_config):
 
 def test_mismatch_with_existing_lora(saved, tiny_config):
     _, d = saved
-    for kw, field in ((dict(r=8, alpha=8), "r:"), (dict(r=4, alpha=16), "lora_alpha"), (dict(r=4, alpha=8, target_modules=["q_proj"]), "target_modules"), (dict(r=4, alpha=8, use_rslora=True), "use_rslora")):
+    for kw, field in (
+        (dict(r=8, alpha=8), "r:"),
+        (dict(r=4, alpha=16), "lora_alpha"),
+        (dict(r=4, alpha=8, target_modules=["q_proj"]), "target_modules"),
+        (dict(r=4, alpha=8, use_rslora=True), "use_rslora"),
+    ):
         with pytest.raises(AdapterError, match=field):
             load_adapter(apply_lora(random_model(tiny_config, seed=1), **kw), d)
     merged = merge_lora(apply_lora(random_model(tiny_config, seed=1), r=4, alpha=8))
@@ -251,7 +278,8 @@ def _edited_copy(d, dst, edit):
 
 
 @pytest.mark.parametrize(
-    "value, counts", [(float("nan"), r"1 NaN, 0 inf of 256"), (float("inf"), r"0 NaN, 1 inf of 256"), (-float("inf"), r"0 NaN, 1 inf of 256")]
+    "value, counts",
+    [(float("nan"), r"1 NaN, 0 inf of 256"), (float("inf"), r"0 NaN, 1 inf of 256"), (-float("inf"), r"0 NaN, 1 inf of 256")],
 )
 def test_non_finite_adapter_tensor(saved, tmp_path, tiny_config, value, counts):
     _, d = saved
@@ -262,7 +290,9 @@ def test_non_finite_adapter_tensor(saved, tmp_path, tiny_config, value, counts):
 
     bad = _edited_copy(d, tmp_path / "bad", edit)
     target = random_model(tiny_config, seed=1)
-    with pytest.raises(AdapterError, match=rf"bad/{ADAPTER_WEIGHTS_NAME}: non-finite values \(NaN/inf\) in tensor\(s\) {re.escape(key)} \({counts}\)"):
+    with pytest.raises(
+        AdapterError, match=rf"bad/{ADAPTER_WEIGHTS_NAME}: non-finite values \(NaN/inf\) in tensor\(s\) {re.escape(key)} \({counts}\)"
+    ):
         load_adapter(target, bad)
     assert not lora_modules(target)  # untouched
 

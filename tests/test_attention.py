@@ -178,7 +178,7 @@ def test_no_quadratic_tensor_saved_for_backward(tiny_config):
         model.set_attn_impl(impl)
         sizes = []
 
-        def pack(t):
+        def pack(t, sizes=sizes):
             sizes.append(t.numel())
             return t
 

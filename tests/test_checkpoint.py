@@ -46,15 +46,29 @@ def _optimizer(model: BindingModel) -> torch.optim.Optimizer:
 def _meta(model: BindingModel) -> dict:
     """What FoldTrainer.meta writes (plus trainer_state for last/)."""
     return {
-        "fold": 1, "epoch": 1, "ions": IONS, "seed": 0, "base_model": "tiny-e1", "base_revision": None,
+        "fold": 1,
+        "epoch": 1,
+        "ions": IONS,
+        "seed": 0,
+        "base_model": "tiny-e1",
+        "base_revision": None,
         "base_config": model.backbone.config.to_dict(),
-        "lora": {"r": 2, "alpha": 4, "lora_dropout": 0.0, "target_modules": ["q_proj"], "train_mlm_head": False,
-                 "use_rslora": False, "layers": None},
-        "head_dropout": 0.0, "max_query_length": 64, "max_example_tokens": 1024,
-        "validation_msa_sampling": {"max_num_samples": 8}, "metrics": {"ZN": {"auprc": float("nan")}},
+        "lora": {
+            "r": 2,
+            "alpha": 4,
+            "lora_dropout": 0.0,
+            "target_modules": ["q_proj"],
+            "train_mlm_head": False,
+            "use_rslora": False,
+            "layers": None,
+        },
+        "head_dropout": 0.0,
+        "max_query_length": 64,
+        "max_example_tokens": 1024,
+        "validation_msa_sampling": {"max_num_samples": 8},
+        "metrics": {"ZN": {"auprc": float("nan")}},
         "runtime": {"precision": "float32", "device": "cpu"},
-        "trainer_state": {"epoch": 1, "step": 1, "best_metric": -math.inf, "best_epoch": -1, "bad_epochs": 1,
-                          "history": [{"epoch": 1}]},
+        "trainer_state": {"epoch": 1, "step": 1, "best_metric": -math.inf, "best_epoch": -1, "bad_epochs": 1, "history": [{"epoch": 1}]},
     }
 
 
@@ -339,14 +353,25 @@ A = "heads.ZN.proj.weight"
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda t: t.update({"heads.FE.proj.weight::exp_avg": torch.zeros(1, 64)}),
-         r"tensor 'heads.FE.proj.weight::exp_avg' does not name a parameter"),
+        (
+            lambda t: t.update({"heads.FE.proj.weight::exp_avg": torch.zeros(1, 64)}),
+            r"tensor 'heads.FE.proj.weight::exp_avg' does not name a parameter",
+        ),
         (lambda t: t.update({"no_separator": torch.zeros(1)}), r"tensor 'no_separator' does not name a parameter"),
-        (lambda t: t.update({f"{A}::exp_avg": torch.zeros(64, 1)}), rf"tensor '{A}::exp_avg' has shape \[64, 1\], the parameter has \[1, 64\]"),
-        (lambda t: t.update({f"{A}::exp_avg_sq": torch.full((1, 64), float("nan"))}), rf"tensor '{A}::exp_avg_sq' has non-finite values \(64 NaN"),
+        (
+            lambda t: t.update({f"{A}::exp_avg": torch.zeros(64, 1)}),
+            rf"tensor '{A}::exp_avg' has shape \[64, 1\], the parameter has \[1, 64\]",
+        ),
+        (
+            lambda t: t.update({f"{A}::exp_avg_sq": torch.full((1, 64), float("nan"))}),
+            rf"tensor '{A}::exp_avg_sq' has non-finite values \(64 NaN",
+        ),
         (lambda t: t.update({f"{A}::step": torch.tensor(float("inf"))}), rf"tensor '{A}::step' has non-finite values"),
         (lambda t: t.update({f"{A}::step": torch.zeros(2)}), rf"tensor '{A}::step' must be a scalar step count"),
-        (lambda t: t.update({f"{A}::exp_avg": torch.zeros(1, 64, dtype=torch.int32)}), rf"tensor '{A}::exp_avg' has non-floating dtype int32"),
+        (
+            lambda t: t.update({f"{A}::exp_avg": torch.zeros(1, 64, dtype=torch.int32)}),
+            rf"tensor '{A}::exp_avg' has non-floating dtype int32",
+        ),
         (lambda t: t.update({f"{A}::momentum": torch.zeros(1, 64)}), rf"tensor '{A}::momentum': unknown optimizer state 'momentum'"),
         (lambda t: t.pop(f"{A}::exp_avg_sq"), rf"incomplete state of parameter '{A}': missing {A}::exp_avg_sq"),
     ],
@@ -369,7 +394,10 @@ def test_optimizer_tensors_checked_against_parameters(last, edit, message):
         ({"format": "pt", "param_groups": "[{"}, "metadata 'param_groups' is not valid JSON"),
         ({"format": "pt", "param_groups": '{"lr": 1}'}, "metadata 'param_groups' must be a list of objects, got dict"),
         ({"format": "pt", "param_groups": '[{"lr": 0.1}]'}, r"metadata 'param_groups' has 1 group\(s\), the optimizer has 2"),
-        ({"format": "pt", "param_groups": '[{"lr": "fast"}, {}]'}, r"metadata 'param_groups\[0\].lr' must be like float 0.001, got str 'fast'"),
+        (
+            {"format": "pt", "param_groups": '[{"lr": "fast"}, {}]'},
+            r"metadata 'param_groups\[0\].lr' must be like float 0.001, got str 'fast'",
+        ),
         ({"format": "pt", "param_groups": '[{"betas": [0.9]}, {}]'}, r"metadata 'param_groups\[0\].betas' must be like tuple"),
     ],
 )
@@ -384,7 +412,9 @@ def test_optimizer_param_groups_metadata(last, metadata, message):
 def test_format_version_must_be_the_integer_1(last, version):
     d, _, _ = last
     _edit_meta(d, lambda m: m.update(format_version=version))
-    with pytest.raises(RunCheckpointError, match=rf"{META_FILE}: checkpoint format version {re.escape(repr(version))}; this e1min reads version 1"):
+    with pytest.raises(
+        RunCheckpointError, match=rf"{META_FILE}: checkpoint format version {re.escape(repr(version))}; this e1min reads version 1"
+    ):
         read_meta(d)
 
 

@@ -21,8 +21,11 @@ def first_run(tmp_path, tiny_checkpoint):
 
 @pytest.mark.parametrize(
     "override,field",
-    [("training.num_folds=3", "num_folds is 2 there but 3"), ("general.seed=7", "seed is 0 there but 7"),
-     ("training.ions=[ZN]", "ions is ['ZN', 'CA'] there but ['ZN']")],
+    [
+        ("training.num_folds=3", "num_folds is 2 there but 3"),
+        ("general.seed=7", "seed is 0 there but 7"),
+        ("training.ions=[ZN]", "ions is ['ZN', 'CA'] there but ['ZN']"),
+    ],
 )
 def test_rerun_with_other_fold_settings_is_refused(first_run, override, field):
     tmp_path, cfg = first_run
@@ -52,16 +55,8 @@ def test_every_json_output_is_strict(first_run):
     assert parse_every_json(tmp_path / "out") >= 8  # folds, data_stats, checkpoints, adapter configs, metrics, summary
 
 
-
-
-
-
 @pytest.mark.parametrize("key", ["msa_sampling", "validation_msa_sampling"])
 def test_more_than_511_context_rows_is_a_config_error(tmp_path, tiny_checkpoint, key):
     cfg = toy_config(tmp_path, tiny_checkpoint, training={key: {"max_num_samples": 600}})
     with pytest.raises(TrainConfigError, match=f"training.{key}.max_num_samples' must be in \\[0, 511\\].*512 sequences"):
         load_config(cfg)
-
-
-
-

@@ -111,7 +111,10 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_checkpoint):
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "e1min.train", "--config", str(two)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     s1 = json.loads((tmp_path / "one/out/summary.json").read_text())

@@ -24,7 +24,20 @@ TOL = 1e-5
 def test_evaluate_metrics_equal_sklearn(run_dir, ensemble, tmp_path):
     sk = pytest.importorskip("sklearn.metrics")
     recs = read_input_fasta(run_dir.parent / "data/CA_train.fasta")[0]
-    assert evaluate_main(["--checkpoint", str(run_dir), "--fasta", str(run_dir.parent / "data/CA_train.fasta"), "--out-dir", str(tmp_path / "ev"), "--quiet"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(run_dir),
+                "--fasta",
+                str(run_dir.parent / "data/CA_train.fasta"),
+                "--out-dir",
+                str(tmp_path / "ev"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "ev/evaluation.json").read_text())
     assert (tmp_path / "ev/evaluation.md").read_text().count("| ZN |") == 1
     pred = ensemble.predict(recs)
@@ -46,7 +59,9 @@ def test_evaluate_metrics_equal_sklearn(run_dir, ensemble, tmp_path):
         f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-300), 0)[:-1]
         assert m["at_best_f1"]["f1"] == pytest.approx(f1.max())
         fpr, tpr, rthr = sk.roc_curve(y, p, drop_intermediate=False)
-        assert m["at_youden"]["recall"] - m["at_youden"]["fp"] / (m["at_youden"]["fp"] + m["at_youden"]["tn"]) == pytest.approx((tpr - fpr).max())
+        assert m["at_youden"]["recall"] - m["at_youden"]["fp"] / (m["at_youden"]["fp"] + m["at_youden"]["tn"]) == pytest.approx(
+            (tpr - fpr).max()
+        )
         # Curves as CSV reproduce sklearn's ROC.
         roc = np.loadtxt(tmp_path / f"ev/roc_{ion}.csv", delimiter=",", skiprows=1)
         fpr2, tpr2, _ = sk.roc_curve(y, p)

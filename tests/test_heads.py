@@ -22,8 +22,11 @@ def test_pos_weight_and_label_smoothing_targets_are_float32_under_autocast():
     from e1min.heads import BindingOutput
 
     logits = torch.randn(2, 6)
-    batch = {"binding_mask": torch.ones(2, 6, dtype=torch.bool), "binding_labels": torch.full((2, 6), 0.05),
-             "mlm_labels": torch.full((2, 6), -100)}
+    batch = {
+        "binding_mask": torch.ones(2, 6, dtype=torch.bool),
+        "binding_labels": torch.full((2, 6), 0.05),
+        "mlm_labels": torch.full((2, 6), -100),
+    }
     out = BindingOutput(binding_logits=logits, mlm_logits=None, embeddings=torch.zeros(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = loss_sums(out, batch, pos_weight=2.5)

@@ -59,10 +59,19 @@ def test_context_reaches_the_model_and_predict_reproduces_oof(tmp_path, tiny_che
     msa_dir = tmp_path / "msa"
     _write_msas(msa_dir / "ZN", records, np.random.default_rng(3))
     cfg = toy_config(
-        tmp_path, tiny_checkpoint,
+        tmp_path,
+        tiny_checkpoint,
         data={"msa_dir": str(msa_dir), "max_example_tokens": 2048},
-        training={"ions": ["ZN"], "epochs": 1, "warmup_epochs": 0, "num_folds": 2, "folds": [1], "bf16": False,
-                  "msa_sampling": {"max_num_samples": 4}, "validation_msa_sampling": {"max_num_samples": 5}},
+        training={
+            "ions": ["ZN"],
+            "epochs": 1,
+            "warmup_epochs": 0,
+            "num_folds": 2,
+            "folds": [1],
+            "bf16": False,
+            "msa_sampling": {"max_num_samples": 4},
+            "validation_msa_sampling": {"max_num_samples": 5},
+        },
     )
     assert train_main(["--config", str(cfg)]) == 0
     out = tmp_path / "out"

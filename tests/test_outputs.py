@@ -26,7 +26,12 @@ TOL = 1e-5
 
 def test_predict_tsv_parses_back(run_dir, ensemble, queries, query_fasta, tmp_path, capsys):
     out = tmp_path / "preds.tsv"
-    assert predict_main(["--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out", str(out), "--chunk-size", "3", "--max-tokens", "500"]) == 0
+    assert (
+        predict_main(
+            ["--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out", str(out), "--chunk-size", "3", "--max-tokens", "500"]
+        )
+        == 0
+    )
     rows = read_tsv(out)
     assert list(rows[0]) == ["id", "position", "residue", "ion", "probability", "std", "call"]
     assert len(rows) == 2 * sum(len(r.sequence) for r in queries)
@@ -50,7 +55,10 @@ def test_predict_tsv_parses_back(run_dir, ensemble, queries, query_fasta, tmp_pa
 
 def test_predict_jsonl_parses_back(run_dir, queries, query_fasta, tmp_path):
     out = tmp_path / "preds.jsonl"
-    assert predict_main(["--checkpoint", str(run_dir / "fold_2"), "--fasta", str(query_fasta), "--out", str(out), "--ions", "CA", "--quiet"]) == 0
+    assert (
+        predict_main(["--checkpoint", str(run_dir / "fold_2"), "--fasta", str(query_fasta), "--out", str(out), "--ions", "CA", "--quiet"])
+        == 0
+    )
     objs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [o["id"] for o in objs] == [r.id for r in queries]
     ref = load_checkpoint(run_dir / "fold_2").predict(queries, ["CA"])
@@ -75,7 +83,12 @@ def test_embeddings_reload_with_right_shapes(run_dir, queries, query_fasta, tmp_
     from safetensors.torch import load_file
 
     out = tmp_path / "emb"
-    assert embed_main(["--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out", str(out), "--per-residue", "--shard-size", "4", "--quiet"]) == 0
+    assert (
+        embed_main(
+            ["--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out", str(out), "--per-residue", "--shard-size", "4", "--quiet"]
+        )
+        == 0
+    )
     index = json.loads((out / "index.json").read_text())
     assert index["shards"] == ["embeddings-00001.safetensors", "embeddings-00002.safetensors", "embeddings-00003.safetensors"]
     assert index["residue_shards"] == [s.replace("embeddings", "residues") for s in index["shards"]]

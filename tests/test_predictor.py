@@ -130,12 +130,29 @@ def test_long_protein_windows_cover_every_residue_once(run_dir, queries):
 def test_precision_is_explicit_and_recorded(run_dir, tmp_path, capsys, flags, precision):
     """Default float32 on a CPU even when it reports native bf16 (this module forces that); bf16 only when asked."""
     fasta = run_dir.parent / "data/CA_train.fasta"
-    assert evaluate_main(["--checkpoint", str(run_dir / "fold_1"), "--fasta", str(fasta), "--out-dir", str(tmp_path / "ev"), "--quiet", *flags]) == 0
+    assert (
+        evaluate_main(
+            ["--checkpoint", str(run_dir / "fold_1"), "--fasta", str(fasta), "--out-dir", str(tmp_path / "ev"), "--quiet", *flags]
+        )
+        == 0
+    )
     assert f"on cpu, precision {precision};" in capsys.readouterr().err
     report = json.loads((tmp_path / "ev/evaluation.json").read_text())
     assert report["runtime"]["precision"] == precision and report["runtime"]["device"] == "cpu"
     with pytest.raises(PredictError, match="contradicts"):
-        evaluate_main(["--checkpoint", str(run_dir / "fold_1"), "--fasta", str(fasta), "--out-dir", str(tmp_path / "e2"), "--no-bf16", "--precision", "bf16"])
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(run_dir / "fold_1"),
+                "--fasta",
+                str(fasta),
+                "--out-dir",
+                str(tmp_path / "e2"),
+                "--no-bf16",
+                "--precision",
+                "bf16",
+            ]
+        )
 
 
 @pytest.mark.parametrize("missing", ["heads.safetensors", "adapter_model.safetensors", "adapter_config.json", "checkpoint.json"])

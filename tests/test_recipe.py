@@ -17,20 +17,60 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 REQ = "required"
 # The schema's keys and defaults before the recipe became dataclasses (users' YAML must keep working).
 TODAY = {
-    "general": {"seed": 42, "run_name": None, "log_every": 10, "device": None, "dist_timeout_seconds": 300,
-                "check_replicas_every": 0},
-    "data": {"fasta_path": REQ, "fasta_pattern": "{ION}_train.fasta", "msa_dir": None, "max_query_length": 1022,
-             "max_example_tokens": 16384},
-    "model": {"checkpoint": REQ, "revision": None, "dropout": 0.3, "dtype": "float32", "gradient_checkpointing": False,
-              "matmul_precision": "highest"},
-    "lora": {"r": 16, "alpha": 32, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
-             "train_mlm_head": False, "use_rslora": False, "layers": None},
-    "training": {"ions": REQ, "epochs": 40, "warmup_epochs": 5, "batch_size": 2, "max_tokens_per_batch": None, "accum_steps": 1,
-                 "learning_rate": 1e-4, "min_lr": 1e-6, "weight_decay": 0.01, "max_grad_norm": 1.0, "mlm_weight": 1.0,
-                 "mlm_probability": 0.15, "mask_context": False, "label_smoothing": 0.0, "focal_gamma": 0.0,
-                 "pos_weight_mode": "sqrt", "num_folds": 5, "folds": None, "early_stop_patience": 5, "min_delta": 0.0,
-                 "selection_metric": "auprc", "threshold_method": "youden", "output_dir": "results/run", "bf16": False,
-                 "msa_sampling": TRAIN_SAMPLING, "validation_msa_sampling": VALIDATION_SAMPLING, "eval_max_tokens_per_batch": 16384},
+    "general": {"seed": 42, "run_name": None, "log_every": 10, "device": None, "dist_timeout_seconds": 300, "check_replicas_every": 0},
+    "data": {
+        "fasta_path": REQ,
+        "fasta_pattern": "{ION}_train.fasta",
+        "msa_dir": None,
+        "max_query_length": 1022,
+        "max_example_tokens": 16384,
+    },
+    "model": {
+        "checkpoint": REQ,
+        "revision": None,
+        "dropout": 0.3,
+        "dtype": "float32",
+        "gradient_checkpointing": False,
+        "matmul_precision": "highest",
+    },
+    "lora": {
+        "r": 16,
+        "alpha": 32,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
+        "train_mlm_head": False,
+        "use_rslora": False,
+        "layers": None,
+    },
+    "training": {
+        "ions": REQ,
+        "epochs": 40,
+        "warmup_epochs": 5,
+        "batch_size": 2,
+        "max_tokens_per_batch": None,
+        "accum_steps": 1,
+        "learning_rate": 1e-4,
+        "min_lr": 1e-6,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "mlm_weight": 1.0,
+        "mlm_probability": 0.15,
+        "mask_context": False,
+        "label_smoothing": 0.0,
+        "focal_gamma": 0.0,
+        "pos_weight_mode": "sqrt",
+        "num_folds": 5,
+        "folds": None,
+        "early_stop_patience": 5,
+        "min_delta": 0.0,
+        "selection_metric": "auprc",
+        "threshold_method": "youden",
+        "output_dir": "results/run",
+        "bf16": False,
+        "msa_sampling": TRAIN_SAMPLING,
+        "validation_msa_sampling": VALIDATION_SAMPLING,
+        "eval_max_tokens_per_batch": 16384,
+    },
 }
 MINIMAL = {"data": {"fasta_path": "data"}, "model": {"checkpoint": "Profluent-Bio/E1-150m"}, "training": {"ions": ["ZN", "CA"]}}
 
@@ -133,15 +173,27 @@ def test_all_problems_in_one_error():
         Recipe.from_dict(raw, source="r.yaml", check_files=False)
     message = str(e.value)
     assert message.startswith("r.yaml: ")
-    for part in ["unknown section 'extra'", "unknown key 'general.colour'", "missing required key 'data.fasta_path'",
-                 "'model.checkpoint' must be str, got int 5", "'model.dtype' must be one of float32, bfloat16",
-                 "'training.epochs' must be int, got float 1.5"]:
+    for part in [
+        "unknown section 'extra'",
+        "unknown key 'general.colour'",
+        "missing required key 'data.fasta_path'",
+        "'model.checkpoint' must be str, got int 5",
+        "'model.dtype' must be one of float32, bfloat16",
+        "'training.epochs' must be int, got float 1.5",
+    ]:
         assert part in message
     # Range and list checks run once the types are right, and are listed together too.
-    raw = {**MINIMAL, "general": {"log_every": 0}, "lora": {"target_modules": ["q_proj", "q_proj"]},
-           "training": {"ions": ["ZN"], "msa_sampling": {"max_num_samples": 600}}}
+    raw = {
+        **MINIMAL,
+        "general": {"log_every": 0},
+        "lora": {"target_modules": ["q_proj", "q_proj"]},
+        "training": {"ions": ["ZN"], "msa_sampling": {"max_num_samples": 600}},
+    }
     with pytest.raises(TrainConfigError) as e:
         Recipe.from_dict(raw, check_files=False)
-    for part in ["'general.log_every' must be >= 1, got 0", "'lora.target_modules' lists q_proj more than once",
-                 "'training.msa_sampling.max_num_samples' must be in [0, 511]"]:
+    for part in [
+        "'general.log_every' must be >= 1, got 0",
+        "'lora.target_modules' lists q_proj more than once",
+        "'training.msa_sampling.max_num_samples' must be in [0, 511]",
+    ]:
         assert part in str(e.value)

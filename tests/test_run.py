@@ -70,5 +70,3 @@ def test_leftovers_of_interrupted_saves_are_removed_at_the_next_start(tmp_path, 
     assert train_main(["--config", str(cfg)]) == 0  # fold 1 is complete: skipped, but cleanup ran
     assert not any(p.exists() for p in junk) and keep.exists()
     assert sorted(p.name for p in remove_temporaries(out)) == []
-
-

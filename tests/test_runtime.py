@@ -74,7 +74,9 @@ def test_autocast_follows_the_precision():
         assert (x @ w).dtype == torch.float32
 
 
-@pytest.mark.parametrize("device,error", [("gpu0", "cpu, cuda or cuda:N"), ("cuda:x", "cpu, cuda or cuda:N"), ("cpu:0", "cpu, cuda or cuda:N")])
+@pytest.mark.parametrize(
+    "device,error", [("gpu0", "cpu, cuda or cuda:N"), ("cuda:x", "cpu, cuda or cuda:N"), ("cpu:0", "cpu, cuda or cuda:N")]
+)
 def test_bad_device_names(device, error):
     with pytest.raises(ValueError, match=error):
         runtime.resolve_device(device)
@@ -153,7 +155,9 @@ def test_training_step_under_bf16_keeps_loss_and_trainables_float32(tiny_model, 
     from e1min.train import LossSpec, backward_window
 
     model = _binding_model(tiny_model)
-    exs = [Example(e.protein_id, "ZN", e.query, (np.arange(len(e.query)) % 5 == 0).astype(np.uint8), context=["MKVL"]) for e in _examples(4)]
+    exs = [
+        Example(e.protein_id, "ZN", e.query, (np.arange(len(e.query)) % 5 == 0).astype(np.uint8), context=["MKVL"]) for e in _examples(4)
+    ]
     batch = collate(exs, masking=MaskingConfig(probability=0.3), seed=0, epoch=0, label_smoothing=0.1)
     mlm_pos = batch["mlm_labels"] != -100
     with torch.autocast("cpu", dtype=torch.bfloat16):

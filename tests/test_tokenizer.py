@@ -38,7 +38,12 @@ def test_multi_sequence_encoding_and_padding():
 
 @pytest.mark.parametrize(
     "bad, message",
-    [("MKa", "invalid character 'a' at position 3"), ("MK1", "invalid character '1'"), ("", "empty sequence"), ("AC,", "sequence 2: empty")],
+    [
+        ("MKa", "invalid character 'a' at position 3"),
+        ("MK1", "invalid character '1'"),
+        ("", "empty sequence"),
+        ("AC,", "sequence 2: empty"),
+    ],
 )
 def test_invalid_inputs(bad, message):
     with pytest.raises(EncodingError, match=message):

@@ -54,8 +54,13 @@ def test_duplicate_yaml_keys_are_errors(tmp_path, tiny_checkpoint):
         load_config(path)
 
 
-@pytest.mark.parametrize("value,message", [("[1, 2", "--set 'training.ions=\\[1, 2': not a valid YAML value"),
-                                           ("!!python/object/apply:os.system [echo hi]", "not a valid YAML value")])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("[1, 2", "--set 'training.ions=\\[1, 2': not a valid YAML value"),
+        ("!!python/object/apply:os.system [echo hi]", "not a valid YAML value"),
+    ],
+)
 def test_set_values_go_through_safe_yaml(tmp_path, tiny_checkpoint, value, message):
     with pytest.raises(TrainConfigError, match=message):
         load_config(toy_config(tmp_path, tiny_checkpoint), [f"training.ions={value}"])
@@ -70,7 +75,8 @@ def test_messages_stay_short_for_huge_values_and_alias_bombs(tmp_path, tiny_chec
         load_config(path)
     assert "'general.run_name' must be str or null" in str(e.value) and len(str(e.value)) < 1000
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+    )
     path.write_text(bomb + "training:\n  ions: *i\n")
     with pytest.raises(TrainConfigError) as e:
         load_config(path)

@@ -122,10 +122,24 @@ def test_end_to_end_output_tree_and_reload(tmp_path, tiny_checkpoint):
     cfg_path = toy_config(tmp_path, tiny_checkpoint, training={"mlm_weight": 0.5, "label_smoothing": 0.05})
     assert main(["--config", str(cfg_path)]) == 0
     out = tmp_path / "out"
-    for f in ["config.yaml", "folds.json", "data_stats.json", "summary.json", "summary.md", "thresholds.json", "training.log",
-              "fold_1/metrics.jsonl", "fold_1/oof_predictions.tsv", "fold_1/fold_result.json",
-              "fold_1/best/adapter_config.json", "fold_1/best/adapter_model.safetensors", "fold_1/best/heads.safetensors",
-              "fold_1/best/checkpoint.json", "fold_1/last/optimizer.safetensors", "plots/curves_fold_1.csv"]:
+    for f in [
+        "config.yaml",
+        "folds.json",
+        "data_stats.json",
+        "summary.json",
+        "summary.md",
+        "thresholds.json",
+        "training.log",
+        "fold_1/metrics.jsonl",
+        "fold_1/oof_predictions.tsv",
+        "fold_1/fold_result.json",
+        "fold_1/best/adapter_config.json",
+        "fold_1/best/adapter_model.safetensors",
+        "fold_1/best/heads.safetensors",
+        "fold_1/best/checkpoint.json",
+        "fold_1/last/optimizer.safetensors",
+        "plots/curves_fold_1.csv",
+    ]:
         assert (out / f).is_file(), f
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))  # no temporary leftovers
     try:
@@ -169,11 +183,21 @@ def test_completed_fold_skipped(tmp_path, tiny_checkpoint, caplog):
 def test_resume_matches_uninterrupted(tmp_path, tiny_checkpoint, monkeypatch):
     import e1min.train as train
 
-    full = toy_config(tmp_path / "a", tiny_checkpoint, training={"epochs": 3, "early_stop_patience": 10},
-                      model={"dropout": 0.2}, lora={"r": 4, "alpha": 8, "lora_dropout": 0.1})
+    full = toy_config(
+        tmp_path / "a",
+        tiny_checkpoint,
+        training={"epochs": 3, "early_stop_patience": 10},
+        model={"dropout": 0.2},
+        lora={"r": 4, "alpha": 8, "lora_dropout": 0.1},
+    )
     main(["--config", str(full)])
-    part = toy_config(tmp_path / "b", tiny_checkpoint, training={"epochs": 3, "early_stop_patience": 10},
-                      model={"dropout": 0.2}, lora={"r": 4, "alpha": 8, "lora_dropout": 0.1})
+    part = toy_config(
+        tmp_path / "b",
+        tiny_checkpoint,
+        training={"epochs": 3, "early_stop_patience": 10},
+        model={"dropout": 0.2},
+        lora={"r": 4, "alpha": 8, "lora_dropout": 0.1},
+    )
     original = train.FoldTrainer.end_epoch
 
     def crash_after_second_epoch(self, epoch, *a):

@@ -192,8 +192,10 @@ def test_config_field_types(tmp_path, tiny_checkpoint, field, value, message):
 
 @pytest.mark.parametrize(
     "raw, message",
-    [(b'{"hidden_size": 64, "model_type": "E1\xff"}', r"config.json: not valid JSON \('utf-8' codec"),
-     (b"[64, 4, 128, 3]", "config.json: expected a JSON object")],
+    [
+        (b'{"hidden_size": 64, "model_type": "E1\xff"}', r"config.json: not valid JSON \('utf-8' codec"),
+        (b"[64, 4, 128, 3]", "config.json: expected a JSON object"),
+    ],
 )
 def test_config_not_utf8_or_not_an_object(tmp_path, tiny_checkpoint, raw, message):
     d = _with_config(tmp_path, tiny_checkpoint, raw=raw)
@@ -215,7 +217,9 @@ def test_non_finite_base_weight(tmp_path, tiny_checkpoint, value):
         state["model.layers.1.ffn.mlp.w2.weight"][3, 5] = value
 
     d = _corrupt(tmp_path, tiny_checkpoint, edit)
-    with pytest.raises(CheckpointError, match=r"bad/model\.safetensors: tensor 'model\.layers\.1\.ffn\.mlp\.w2\.weight' has non-finite values"):
+    with pytest.raises(
+        CheckpointError, match=r"bad/model\.safetensors: tensor 'model\.layers\.1\.ffn\.mlp\.w2\.weight' has non-finite values"
+    ):
         load_model(d)
 
 
@@ -265,8 +269,18 @@ def test_old_import_paths_still_work():
     import e1min.random_checkpoint as rc
     import e1min.weights as w
 
-    for name in ("CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "CheckpointError", "load_state_dict", "normalize_key",
-                 "resolve_checkpoint", "resolve_directory", "save_model", "weight_files"):
+    for name in (
+        "CONFIG_NAME",
+        "INDEX_NAME",
+        "WEIGHTS_NAME",
+        "CheckpointError",
+        "load_state_dict",
+        "normalize_key",
+        "resolve_checkpoint",
+        "resolve_directory",
+        "save_model",
+        "weight_files",
+    ):
         assert getattr(hub, name) is getattr(w, name), name
     assert rc.random_model is w.random_model and rc.write_random_checkpoint is w.write_random_checkpoint
     assert e1min.load_model is hub.load_model  # the public one also takes adapter=

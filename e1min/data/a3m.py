@@ -40,7 +40,6 @@ def check_a3m_path(path: str | os.PathLike) -> None:
         raise DataError(f"{path}: {st.st_size} bytes, larger than the {MAX_A3M_BYTES} bytes an A3M may have here")
 
 
-
 def _path_entry_exists(path: Path) -> bool:
     """Whether anything (file, directory, symlink even dangling) sits at ``path``; access errors raise."""
     try:
@@ -52,7 +51,6 @@ def _path_entry_exists(path: Path) -> bool:
         if e.errno == errno.ELOOP:
             raise DataError(f"{path}: symlink loop in the path") from None
         raise DataError(f"{path}: cannot access ({e.strerror})") from None
-
 
 
 def _read_text(path: Path) -> str:
@@ -70,7 +68,6 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: non-text byte 0x{raw[e.start]:02x} (not UTF-8/ASCII text)") from None
-
 
 
 def _split_records(path: Path, text: str) -> tuple[list[str], list[str], list[int]]:

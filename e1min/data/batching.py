@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -42,9 +43,7 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, seed: int | No
     return batches
 
 
-def fixed_size_batches(
-    lengths: Sequence[int], batch_size: int, seed: int | None = None, sort_by_length: bool = False
-) -> list[list[int]]:
+def fixed_size_batches(lengths: Sequence[int], batch_size: int, seed: int | None = None, sort_by_length: bool = False) -> list[list[int]]:
     """Batches of ``batch_size`` indices: shuffled (when seeded) then chunked, as in the original pipeline.
 
     ``sort_by_length`` chunks length-sorted indices instead and shuffles the batch order.

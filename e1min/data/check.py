@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from e1min.data.dataset import ion_stats, load_ion_records
 from e1min.data.fasta import DataError, Record
@@ -51,8 +51,10 @@ def check_data(
         else:
             provider = ContextProvider(msa_dir)
     lines = [f"data: {fasta_path} (pattern {pattern}); MSAs: {msa_dir or 'none (single sequence)'}", ""]
-    header = f"{'ion':<6} {'proteins':>8} {'labelled':>8} {'residues':>9} {'positives':>9} {'pos_rate':>8} " \
-             f"{'len p5/p50/p95/max':>22} {'MSA':>10}"
+    header = (
+        f"{'ion':<6} {'proteins':>8} {'labelled':>8} {'residues':>9} {'positives':>9} {'pos_rate':>8} "
+        f"{'len p5/p50/p95/max':>22} {'MSA':>10}"
+    )
     lines.append(header)
     for ion, records in records_by_ion.items():
         s = ion_stats(records)

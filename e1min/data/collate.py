@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -30,7 +31,9 @@ class MaskingConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DataError(f"masking: {name!r} must be in [0, 1], got {getattr(self, name)}")
         if self.mask_fraction + self.random_fraction > 1.0 + 1e-9:
-            raise DataError(f"masking: 'mask_fraction' + 'random_fraction' must not exceed 1, got {self.mask_fraction} + {self.random_fraction}")
+            raise DataError(
+                f"masking: 'mask_fraction' + 'random_fraction' must not exceed 1, got {self.mask_fraction} + {self.random_fraction}"
+            )
 
 
 def mask_row(

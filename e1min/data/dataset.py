@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -38,9 +38,7 @@ def union_records(parts: dict[str, list[Record]]) -> list[Record]:
     return list(merged.values())
 
 
-def load_ion_records(
-    fasta_path: str | os.PathLike, ions: Sequence[str], pattern: str = "{ION}_train.fasta"
-) -> dict[str, list[Record]]:
+def load_ion_records(fasta_path: str | os.PathLike, ions: Sequence[str], pattern: str = "{ION}_train.fasta") -> dict[str, list[Record]]:
     """Records per ion. REE without its own file is the union of the LREE and HREE files."""
     out: dict[str, list[Record]] = {}
     for ion in ions:
@@ -57,10 +55,7 @@ def load_ion_records(
                 except DataError as e:
                     raise DataError(f"building REE from {part_paths['LREE']} and {part_paths['HREE']}: {e}") from None
                 continue
-            raise DataError(
-                f"no FASTA file for ion REE: neither {path} nor both of "
-                f"{part_paths['LREE']} and {part_paths['HREE']} exist"
-            )
+            raise DataError(f"no FASTA file for ion REE: neither {path} nor both of {part_paths['LREE']} and {part_paths['HREE']} exist")
         raise DataError(f"no FASTA file for ion {ion}: {path} does not exist")
     return out
 

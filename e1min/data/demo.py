@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -13,9 +13,7 @@ from e1min.io import atomic_write_text
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 # Background composition (UniProt-like, percent).
-AA_FREQ = np.array(
-    [8.25, 1.37, 5.45, 6.75, 3.86, 7.07, 2.27, 5.96, 5.84, 9.66, 2.42, 4.06, 4.70, 3.93, 5.53, 6.56, 5.34, 6.87, 1.08, 2.92]
-)
+AA_FREQ = np.array([8.25, 1.37, 5.45, 6.75, 3.86, 7.07, 2.27, 5.96, 5.84, 9.66, 2.42, 4.06, 4.70, 3.93, 5.53, 6.56, 5.34, 6.87, 1.08, 2.92])
 AA_FREQ = AA_FREQ / AA_FREQ.sum()
 _AA_ARRAY = np.array(list(AA))
 _AA_CUM = np.cumsum(AA_FREQ)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -103,9 +103,7 @@ def _parse_record(path: Path, header: tuple[int, str], body: list[tuple[int, str
         _check_residues(path, lineno, rid, line)
     sequence = "".join(line for _, line in body)
     if labels is not None and len(labels) != len(sequence):
-        raise DataError(
-            f"{path}:{last_no}: record {rid!r}: label length {len(labels)} differs from sequence length {len(sequence)}"
-        )
+        raise DataError(f"{path}:{last_no}: record {rid!r}: label length {len(labels)} differs from sequence length {len(sequence)}")
     return Record(rid, sequence, labels)
 
 

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -71,12 +72,16 @@ class MSASampling:
 
     def __post_init__(self) -> None:
         if self.max_num_samples < 0 or self.max_token_length < 0:
-            raise DataError(f"MSA sampling: 'max_num_samples' and 'max_token_length' must be >= 0, got {self.max_num_samples} and {self.max_token_length}")
+            raise DataError(
+                f"MSA sampling: 'max_num_samples' and 'max_token_length' must be >= 0, got {self.max_num_samples} and {self.max_token_length}"
+            )
         for name in ("neighbor_similarity_lower_bound", "min_query_similarity", "max_query_similarity"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DataError(f"MSA sampling: {name!r} must be in [0, 1], got {getattr(self, name)}")
         if self.min_query_similarity > self.max_query_similarity:
-            raise DataError(f"MSA sampling: 'min_query_similarity' ({self.min_query_similarity}) is larger than 'max_query_similarity' ({self.max_query_similarity})")
+            raise DataError(
+                f"MSA sampling: 'min_query_similarity' ({self.min_query_similarity}) is larger than 'max_query_similarity' ({self.max_query_similarity})"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, base: "MSASampling | None" = None) -> "MSASampling":
@@ -227,8 +232,7 @@ class MSA:
 
     def probabilities(self, sampling: MSASampling) -> tuple[np.ndarray, int]:
         """(``p = w / w.sum()`` over all rows with non-candidates 0, number of candidates)."""
-        key = (float(sampling.neighbor_similarity_lower_bound), float(sampling.min_query_similarity),
-               float(sampling.max_query_similarity))
+        key = (float(sampling.neighbor_similarity_lower_bound), float(sampling.min_query_similarity), float(sampling.max_query_similarity))
         if key not in self._probabilities:
             q = self.query_similarity
             mask = (q >= np.float32(key[1])) & (q <= np.float32(key[2])) & (self.lengths > 0)
@@ -277,7 +281,9 @@ class MSA:
             self._noted.add(key)
             log.info(
                 "%s: no row has query similarity in [%g, %g]; running single-sequence (E1's sampler would raise)",
-                self.label, key[0], key[1],
+                self.label,
+                key[0],
+                key[1],
             )
 
 
@@ -301,9 +307,7 @@ def sample_context(
     if count == 0:
         msa.note_no_candidates(sampling)
         return []
-    drawn = np.random.default_rng(seed).choice(
-        len(p), size=min(sampling.max_num_samples, count), p=p, replace=False, shuffle=True
-    )
+    drawn = np.random.default_rng(seed).choice(len(p), size=min(sampling.max_num_samples, count), p=p, replace=False, shuffle=True)
     span = msa._span(window)
     out: list[str] = []
     total = 0

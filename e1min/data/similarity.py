@@ -23,7 +23,6 @@ def _onehot(block: np.ndarray, cols: np.ndarray, letters: np.ndarray) -> np.ndar
     return (block[:, cols] == letters).astype(np.float32)
 
 
-
 def neighbour_counts(matrix: np.ndarray, bound: float, block_rows: int | None = None) -> np.ndarray:
     """``neighbours(i) = #{j : sim(i -> j) >= bound}`` for an (N, W) uint8 aligned matrix (no lower case).
 
@@ -38,7 +37,6 @@ def neighbour_counts(matrix: np.ndarray, bound: float, block_rows: int | None = 
         return np.zeros(0, dtype=np.int64)
     uniq, inverse, mult = np.unique(matrix, axis=0, return_inverse=True, return_counts=True)
     return _distinct_neighbour_counts(uniq, mult, bound, max(1, int(block_rows or BLOCK_ROWS)))[inverse.ravel()]
-
 
 
 def _distinct_neighbour_counts(matrix: np.ndarray, mult: np.ndarray, bound: float, b: int) -> np.ndarray:
@@ -79,7 +77,6 @@ def _distinct_neighbour_counts(matrix: np.ndarray, mult: np.ndarray, bound: floa
                 if j0 != i0:
                     neighbours[j0 : j0 + b] += mult[i0 : i0 + b] @ (match / len32[i0 : i0 + b, None] >= b32)
     return neighbours
-
 
 
 def query_similarity(matrix: np.ndarray, block_rows: int | None = None) -> np.ndarray:

@@ -42,9 +42,7 @@ def test_one_ion_per_batch():
 def _big_batch():
     rng = np.random.default_rng(0)
     aa = list("ACDEFGHIKLMNPQRSTVWY")
-    return [
-        _ex(f"p{i}", "".join(rng.choice(aa, 300)), context=["".join(rng.choice(aa, 100))]) for i in range(20)
-    ]
+    return [_ex(f"p{i}", "".join(rng.choice(aa, 300)), context=["".join(rng.choice(aa, 100))]) for i in range(20)]
 
 
 def test_masking_statistics_and_positions():

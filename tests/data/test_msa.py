@@ -71,9 +71,7 @@ def reference_sample_context(texts, seed, s):
         else:
             weights.append(1.0 / neighbours[j])
     w = np.array(weights, dtype=np.float64)
-    drawn = np.random.default_rng(seed).choice(
-        n, size=min(s.max_num_samples, sum(candidate)), p=w / w.sum(), replace=False, shuffle=True
-    )
+    drawn = np.random.default_rng(seed).choice(n, size=min(s.max_num_samples, sum(candidate)), p=w / w.sum(), replace=False, shuffle=True)
     out, total = [], 0
     for i in drawn:
         seq = rows[i].upper().replace("-", "")
@@ -163,11 +161,11 @@ def test_residue_free_rows_never_drawn_and_shift_nothing():
 # ---------------------------------------------------------------------------------------------
 # Columns:   0123456789 10       aligned (insertions dropped, '.' -> '-')   non-gap
 HAND = [
-    "ACDEFGHIKL-",   # q     ACDEFGHIKL-                                      10
-    "ACDEFGHIKW-",   # near  ACDEFGHIKW-   near-duplicate of the query        10
+    "ACDEFGHIKL-",  # q     ACDEFGHIKL-                                      10
+    "ACDEFGHIKW-",  # near  ACDEFGHIKW-   near-duplicate of the query        10
     "--DEFgaGHI---",  # frag --DEFGHI---   fragment, insertion "ga"            6
-    "AC..FGHIKLM",   # dots  AC--FGHIKLM   '.' gaps                            9
-    "WWWWWWHIKL-",   # far   WWWWWWHIKL-                                      10
+    "AC..FGHIKLM",  # dots  AC--FGHIKLM   '.' gaps                            9
+    "WWWWWWHIKL-",  # far   WWWWWWHIKL-                                      10
 ]
 # matches m(i, j) on shared equal non-gap columns (symmetric):
 #   m01 9, m02 6, m03 8, m04 4, m12 6, m13 7, m14 3, m23 4, m24 2, m34 4
@@ -319,8 +317,11 @@ def test_from_dict_rejects_unknown():
     with pytest.raises(ValueError, match="unknown MSA sampling setting.*max_rows"):
         MSASampling.from_dict({"max_rows": 3})
     assert msa_mod.E1_REFERENCE_SAMPLING.to_dict() == {
-        "max_num_samples": 511, "max_token_length": 32768, "neighbor_similarity_lower_bound": 0.8,
-        "min_query_similarity": 0.0, "max_query_similarity": 1.0,
+        "max_num_samples": 511,
+        "max_token_length": 32768,
+        "neighbor_similarity_lower_bound": 0.8,
+        "min_query_similarity": 0.0,
+        "max_query_similarity": 1.0,
     }
 
 
@@ -371,8 +372,12 @@ def test_paths_that_are_not_files(tmp_path):
     os.symlink(tmp_path / "nowhere.a3m", d / "dangling.a3m")
     os.symlink(d / "loop.a3m", d / "loop.a3m")
     prov = ContextProvider(tmp_path)
-    for pid, message in [("dir", "is a directory"), ("dangling", "dangling symlink"), ("loop", "symlink loop"),
-                         ("missing", "file not found")]:
+    for pid, message in [
+        ("dir", "is a directory"),
+        ("dangling", "dangling symlink"),
+        ("loop", "symlink loop"),
+        ("missing", "file not found"),
+    ]:
         with pytest.raises(DataError, match=message) as e:
             read_a3m(d / f"{pid}.a3m")
         assert str(e.value).startswith(str(d / f"{pid}.a3m"))

@@ -30,8 +30,10 @@ def test_stitch_predictions_from_windowed_examples():
     ws = sliding_windows(25, 8, 3)
     truth = np.arange(25, dtype=np.float32)
     seq = "A" * 25
-    exs = [Example("p", "ZN", seq[w.start : w.end], None, offset=w.start, keep_start=w.keep_start, keep_end=w.keep_end, protein_length=25)
-           for w in ws]
+    exs = [
+        Example("p", "ZN", seq[w.start : w.end], None, offset=w.start, keep_start=w.keep_start, keep_end=w.keep_end, protein_length=25)
+        for w in ws
+    ]
     preds = [truth[w.start : w.end] for w in ws]
     np.testing.assert_array_equal(stitch_predictions(exs, preds)["p"], truth)
     with pytest.raises(ValueError, match="every residue exactly once"):
