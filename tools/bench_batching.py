@@ -22,8 +22,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="seeds averaged over")
     args = parser.parse_args()
     lengths = [len(r.sequence) + SPECIALS_PER_SEQUENCE for r in read_fasta(args.fasta)]
-    print(f"{args.fasta}: {len(lengths)} proteins, tokens min/median/max "
-          f"{min(lengths)}/{int(np.median(lengths))}/{max(lengths)}")
+    print(f"{args.fasta}: {len(lengths)} proteins, tokens min/median/max {min(lengths)}/{int(np.median(lengths))}/{max(lengths)}")
     print(f"{'mode':<28} {'batches':>8} {'mean size':>10} {'padding':>9}")
     rows = [(f"token budget {m}", lambda s, m=m: token_budget_batches(lengths, m, seed=s)) for m in args.max_tokens]
     rows += [(f"fixed batch_size {b}", lambda s, b=b: fixed_size_batches(lengths, b, seed=s)) for b in args.batch_sizes]

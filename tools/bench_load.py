@@ -36,8 +36,16 @@ def child(s: dict) -> dict:
         for p in model.parameters():
             p.sum()
     peak = peak_rss_mb()
-    return {**s, "file_mb": size, "weights_mb": params, "base_mb": base, "load_mb": after_load, "peak_mb": peak,
-            "ratio": (peak - base) / size, "seconds": sec}
+    return {
+        **s,
+        "file_mb": size,
+        "weights_mb": params,
+        "base_mb": base,
+        "load_mb": after_load,
+        "peak_mb": peak,
+        "ratio": (peak - base) / size,
+        "seconds": sec,
+    }
 
 
 def main() -> None:
@@ -60,9 +68,19 @@ def main() -> None:
     print(f"bench_load: {a.preset} checkpoint stored as {a.dtype} in {directory}")
     print("base = interpreter + torch; after load = peak right after load_model; peak = after reading every weight;")
     print("added/file = (peak - base) / file size (the issue's target: <= ~1.3)")
-    print_table(rows, [("load_dtype", "load dtype", ""), ("file_mb", "file MB", ".0f"), ("weights_mb", "weights MB", ".0f"),
-                       ("base_mb", "base MB", ".0f"), ("load_mb", "after load MB", ".0f"), ("peak_mb", "peak MB", ".0f"),
-                       ("ratio", "added/file", ".2f"), ("seconds", "seconds", ".1f")])
+    print_table(
+        rows,
+        [
+            ("load_dtype", "load dtype", ""),
+            ("file_mb", "file MB", ".0f"),
+            ("weights_mb", "weights MB", ".0f"),
+            ("base_mb", "base MB", ".0f"),
+            ("load_mb", "after load MB", ".0f"),
+            ("peak_mb", "peak MB", ".0f"),
+            ("ratio", "added/file", ".2f"),
+            ("seconds", "seconds", ".1f"),
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -65,9 +65,17 @@ def child(s: dict) -> dict:
     t0 = time.perf_counter()
     got = [len(sample_context(msa, seed, sampling)) for seed in range(draws)]
     draw = (time.perf_counter() - t0) / draws
-    return {**s, "file_mb": Path(s["path"]).stat().st_size / 2**20, "parse_s": parse, "weight_s": weight,
-            "draw_ms": draw * 1000, "drawn": float(np.mean(got)), "base_mb": base, "peak_mb": peak_rss_mb(),
-            "added_mb": peak_rss_mb() - base}
+    return {
+        **s,
+        "file_mb": Path(s["path"]).stat().st_size / 2**20,
+        "parse_s": parse,
+        "weight_s": weight,
+        "draw_ms": draw * 1000,
+        "drawn": float(np.mean(got)),
+        "base_mb": base,
+        "peak_mb": peak_rss_mb(),
+        "added_mb": peak_rss_mb() - base,
+    }
 
 
 def main() -> None:
@@ -90,10 +98,21 @@ def main() -> None:
         results.append(run_child(__file__, {"rows": n, "width": a.width, "path": str(path), "draws": a.draws}, timeout=7200))
     print("parse = read_a3m; weights = neighbour counts at bound 0.8 + draw probabilities (once per MSA and bound);")
     print("draw = sample_context of 64 rows (max_query_similarity 0.95); base = interpreter + e1min (torch) imports")
-    print_table(results, [("rows", "rows", "d"), ("width", "columns", "d"), ("file_mb", "file MB", ".1f"),
-                          ("parse_s", "parse s", ".2f"), ("weight_s", "weights s", ".1f"), ("draw_ms", "draw ms", ".2f"),
-                          ("drawn", "rows drawn", ".0f"), ("base_mb", "base MB", ".0f"), ("peak_mb", "peak MB", ".0f"),
-                          ("added_mb", "added MB", ".0f")])
+    print_table(
+        results,
+        [
+            ("rows", "rows", "d"),
+            ("width", "columns", "d"),
+            ("file_mb", "file MB", ".1f"),
+            ("parse_s", "parse s", ".2f"),
+            ("weight_s", "weights s", ".1f"),
+            ("draw_ms", "draw ms", ".2f"),
+            ("drawn", "rows drawn", ".0f"),
+            ("base_mb", "base MB", ".0f"),
+            ("peak_mb", "peak MB", ".0f"),
+            ("added_mb", "added MB", ".0f"),
+        ],
+    )
 
 
 if __name__ == "__main__":

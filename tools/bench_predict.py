@@ -52,12 +52,26 @@ def make_run(work: Path, shape: str, folds: int, max_query_length: int) -> Path:
                 m.lora_B.normal_(0, 0.01)
         model = BindingModel(backbone, ["ZN"])
         meta = {
-            "fold": k, "epoch": 1, "ions": ["ZN"], "base_model": str(base.resolve()), "base_revision": None,
+            "fold": k,
+            "epoch": 1,
+            "ions": ["ZN"],
+            "base_model": str(base.resolve()),
+            "base_revision": None,
             "base_config": backbone.config.to_dict(),
-            "lora": {"r": 16, "alpha": 32, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
-                     "train_mlm_head": False, "use_rslora": False, "layers": None},
-            "head_dropout": 0.0, "max_query_length": max_query_length, "max_example_tokens": 16384,
-            "validation_msa_sampling": {}, "metrics": {},
+            "lora": {
+                "r": 16,
+                "alpha": 32,
+                "lora_dropout": 0.0,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
+                "train_mlm_head": False,
+                "use_rslora": False,
+                "layers": None,
+            },
+            "head_dropout": 0.0,
+            "max_query_length": max_query_length,
+            "max_example_tokens": 16384,
+            "validation_msa_sampling": {},
+            "metrics": {},
         }
         save_state(run.state(k, "best"), model, meta)
         atomic_write_json(run.fold_result(k), {"fold": k, "complete": True})
@@ -79,9 +93,20 @@ def bench(run: Path, records, args, label: str) -> dict:
         predict_file(predictor, records, Path(tmp) / "preds.tsv", ["ZN"], max_tokens=args.max_tokens, progress=not args.quiet)
         el = time.time() - t0
     residues = sum(len(r.sequence) for r in records)
-    row = {"model": label, "folds": predictor.num_folds, "dtype": args.dtype, "device": str(predictor.device), "threads": torch.get_num_threads(),
-           "proteins": len(records), "residues": residues, "load_s": round(load_s, 2), "predict_s": round(el, 2),
-           "proteins_per_s": round(len(records) / el, 2), "residues_per_s": round(residues / el, 1), "max_tokens": args.max_tokens}
+    row = {
+        "model": label,
+        "folds": predictor.num_folds,
+        "dtype": args.dtype,
+        "device": str(predictor.device),
+        "threads": torch.get_num_threads(),
+        "proteins": len(records),
+        "residues": residues,
+        "load_s": round(load_s, 2),
+        "predict_s": round(el, 2),
+        "proteins_per_s": round(len(records) / el, 2),
+        "residues_per_s": round(residues / el, 1),
+        "max_tokens": args.max_tokens,
+    }
     return row
 
 
@@ -119,12 +144,16 @@ def main() -> None:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
-    print(f"\n`e1min predict` throughput on {Path(args.fasta).name} (first {len(records)} proteins, "
-          f"{sum(len(r.sequence) for r in records)} residues, 1 ion; load average {load:.1f} at the end)\n")
+    print(
+        f"\n`e1min predict` throughput on {Path(args.fasta).name} (first {len(records)} proteins, "
+        f"{sum(len(r.sequence) for r in records)} residues, 1 ion; load average {load:.1f} at the end)\n"
+    )
     print("| model | folds | dtype | device | threads | proteins/s | residues/s | predict s | load s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['folds']} | {r['dtype']} | {r['device']} | {r['threads']} | {r['proteins_per_s']} | {r['residues_per_s']} | {r['predict_s']} | {r['load_s']} |")
+        print(
+            f"| {r['model']} | {r['folds']} | {r['dtype']} | {r['device']} | {r['threads']} | {r['proteins_per_s']} | {r['residues_per_s']} | {r['predict_s']} | {r['load_s']} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -1,7 +1,7 @@
 """Write a random E1 checkpoint in the released layout (config.json + model.safetensors).
 
-    python tools/make_random_checkpoint.py OUT_DIR --preset e1-150m [--dtype bfloat16] [--shard-mb 200]
-    python tools/make_random_checkpoint.py OUT_DIR --preset tiny --set hidden_size=128 --set num_hidden_layers=6
+python tools/make_random_checkpoint.py OUT_DIR --preset e1-150m [--dtype bfloat16] [--shard-mb 200]
+python tools/make_random_checkpoint.py OUT_DIR --preset tiny --set hidden_size=128 --set num_hidden_layers=6
 """
 
 import argparse
