@@ -65,19 +65,27 @@ def iter_scored(
     Inputs are never masked. ``precision``: ``"float32"`` or ``"bf16"`` (autocast backbone; the
     head and the sigmoid stay float32). A bool is read as the old ``bf16`` flag.
     """
-    lengths = [ex.num_tokens for ex in examples]
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast(device, _precision(precision)):
-            for idx in token_budget_batches(lengths, max_tokens, seed=None):
-                batch = to_device(collate([examples[i] for i in idx], masking=None, seed=0, epoch=0), device)
-                probs = torch.sigmoid(model(batch, ion).binding_logits.float())
-                qmask = batch["query_residue_mask"]
-                for row, i in enumerate(idx):
-                    yield i, probs[row][qmask[row]].cpu().numpy()
+        for idx, batch in _inference_batches(examples, device, max_tokens, precision):
+            probs = torch.sigmoid(model(batch, ion).binding_logits.float())
+            qmask = batch["query_residue_mask"]
+            for row, i in enumerate(idx):
+                yield i, probs[row][qmask[row]].cpu().numpy()
     finally:
         model.train(was_training)
+
+
+def _inference_batches(
+    examples: Sequence[Example], device: torch.device, max_tokens: int, precision: str | bool
+) -> Iterator[tuple[list[int], dict]]:
+    """(example indices, unmasked batch on ``device``) in length-sorted token-budget batches, under
+    ``inference_mode`` and the precision's autocast."""
+    lengths = [ex.num_tokens for ex in examples]
+    with torch.inference_mode(), autocast(device, _precision(precision)):
+        for idx in token_budget_batches(lengths, max_tokens, seed=None):
+            yield idx, to_device(collate([examples[i] for i in idx], masking=None, seed=0, epoch=0), device)
 
 
 def score_examples(
@@ -128,11 +136,8 @@ def iter_embedded(
     backbone: torch.nn.Module, examples: Sequence[Example], device: torch.device, max_tokens: int, precision: str | bool = "float32"
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(example index, final-norm hidden states of its query residues, float32 on CPU) in token-budget batches."""
-    lengths = [ex.num_tokens for ex in examples]
-    with torch.inference_mode(), autocast(device, _precision(precision)):
-        for idx in token_budget_batches(lengths, max_tokens, seed=None):
-            batch = to_device(collate([examples[i] for i in idx], masking=None, seed=0, epoch=0), device)
-            emb = backbone.model(batch["input_ids"], batch["within_seq_position_ids"], batch["global_position_ids"], batch["sequence_ids"])
-            q = batch["query_residue_mask"]
-            for row, i in enumerate(idx):
-                yield i, emb[row][q[row]].float().cpu()
+    for idx, batch in _inference_batches(examples, device, max_tokens, precision):
+        emb = backbone.model(batch["input_ids"], batch["within_seq_position_ids"], batch["global_position_ids"], batch["sequence_ids"])
+        q = batch["query_residue_mask"]
+        for row, i in enumerate(idx):
+            yield i, emb[row][q[row]].float().cpu()
