@@ -18,7 +18,10 @@ import torch
 import yaml
 
 from e1min.config import preset
+from e1min.data.dataset import Example
 from e1min.data.fasta import Record, write_fasta
+from e1min.heads import BindingModel
+from e1min.lora import apply_lora
 from e1min.predict import predict_main
 from e1min.random_checkpoint import write_random_checkpoint
 from e1min.train import main as train_main
@@ -181,3 +184,27 @@ def parse_every_json(root: Path) -> int:
             strict_json_load(path, line)
         n += 1
     return n
+
+
+def toy_examples(n, seed=0, ion="ZN"):
+    """``n`` short labelled examples (the last unlabelled), every other one with a context sequence."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        L = int(rng.integers(8, 20))
+        seq = "".join(rng.choice(list("ACDEHKLMW"), L))
+        labels = None if i == n - 1 else (rng.random(L) < 0.3).astype(np.uint8)
+        out.append(Example(f"p{i}", ion, seq, labels, context=["MKV"] if i % 2 else []))
+    return out
+
+
+def toy_binding_model(tiny_model, ions=("ZN", "CA"), **lora):
+    """LoRA (r 4) + float32 ion heads on ``tiny_model``, with non-zero B so every LoRA gradient is live."""
+    apply_lora(tiny_model, r=4, alpha=8, **lora)
+    torch.manual_seed(0)
+    model = BindingModel(tiny_model, list(ions), head_dropout=0.0)
+    with torch.no_grad():  # non-zero B so LoRA gradients are all live
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model

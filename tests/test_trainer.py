@@ -12,83 +12,19 @@ from e1min.checkpoint import load_state
 from e1min.data.collate import MaskingConfig, collate
 from e1min.data.dataset import Example
 from e1min.dist import DistContext
-from e1min.heads import BindingModel
-from e1min.lora import apply_lora
 from e1min.scoring import score_examples
-from e1min.train import LossSpec, backward_window, build_model, build_optimizer, lr_at, main
+from e1min.train import LossSpec, backward_window, build_model, build_optimizer, main
 from e1min.train_config import TrainConfigError, load_config
-from tests.helpers import toy_config
-
-
-def _examples(n, seed=0, ion="ZN"):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        L = int(rng.integers(8, 20))
-        seq = "".join(rng.choice(list("ACDEHKLMW"), L))
-        labels = None if i == n - 1 else (rng.random(L) < 0.3).astype(np.uint8)
-        out.append(Example(f"p{i}", ion, seq, labels, context=["MKV"] if i % 2 else []))
-    return out
-
-
-def _binding_model(tiny_model, ions=("ZN", "CA"), **lora):
-    apply_lora(tiny_model, r=4, alpha=8, **lora)
-    torch.manual_seed(0)
-    model = BindingModel(tiny_model, list(ions), head_dropout=0.0)
-    with torch.no_grad():  # non-zero B so LoRA gradients are all live
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return model
-
-
-@pytest.mark.parametrize("mlm_weight", [0.0, 1.0])
-def test_accumulation_equals_big_batch(tiny_model, mlm_weight):
-    model = _binding_model(tiny_model)
-    exs = _examples(6)
-    masking = MaskingConfig(probability=0.3) if mlm_weight else None
-    spec = LossSpec({"ZN": 2.0}, mlm_weight, use_mlm=masking is not None)
-    ctx = DistContext()
-
-    def grads(groups):
-        model.zero_grad(set_to_none=True)
-        batches = [(collate(g, masking=masking, seed=1, epoch=0), "ZN") for g in groups]
-        stats = backward_window(model, batches, ctx, spec)
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, stats
-
-    big, s_big = grads([exs])
-    small, s_small = grads([exs[:2], exs[2:3], exs[3:]])
-    assert big.keys() == small.keys() and len(big) > 0
-    for n in big:
-        assert torch.allclose(big[n], small[n], atol=1e-6, rtol=1e-4), n
-    assert torch.allclose(s_big, s_small)
-    if mlm_weight:
-        assert s_big[0, 3] > 0  # some MLM tokens were selected
-
-
-def test_no_mlm_tokens_gives_zero_not_nan(tiny_model):
-    model = _binding_model(tiny_model)
-    batch = collate(_examples(2), masking=MaskingConfig(probability=0.0), seed=0, epoch=0)
-    stats = backward_window(model, [(batch, "ZN")], DistContext(), LossSpec({}, 1.0))
-    assert stats[0, 3] == 0 and stats[0, 2] == 0
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-
-
-def test_unused_head_gets_no_gradient(tiny_model):
-    model = _binding_model(tiny_model)
-    batch = collate(_examples(3), masking=None, seed=0, epoch=0)
-    backward_window(model, [(batch, "ZN"), None], DistContext(), LossSpec({}, 0.0, use_mlm=False))
-    assert all(p.grad is None for p in model.heads["CA"].parameters())
-    assert all(p.grad is not None for p in model.heads["ZN"].parameters())
+from tests.helpers import toy_binding_model, toy_config, toy_examples
 
 
 @pytest.mark.parametrize("train_mlm_head", [False, True])
 def test_only_lora_heads_and_optionally_mlm_head_change(tiny_model, train_mlm_head):
-    model = _binding_model(tiny_model, train_mlm_head=train_mlm_head)
+    model = toy_binding_model(tiny_model, train_mlm_head=train_mlm_head)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = build_optimizer(model, 1e-2, 0.1)
     for step in range(3):
-        batch = collate(_examples(4, seed=step), masking=MaskingConfig(probability=0.3), seed=0, epoch=step)
+        batch = collate(toy_examples(4, seed=step), masking=MaskingConfig(probability=0.3), seed=0, epoch=step)
         backward_window(model, [(batch, "ZN")], DistContext(), LossSpec({}, 1.0))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -96,26 +32,6 @@ def test_only_lora_heads_and_optionally_mlm_head_change(tiny_model, train_mlm_he
         changed = not torch.equal(before[n], p.detach())
         should = "lora_" in n or n.startswith("heads.ZN") or (train_mlm_head and "mlm_head" in n)
         assert changed == should, n
-
-
-def test_focal_loss_down_weights_easy_tokens(tiny_model):
-    from e1min.heads import loss_sums
-
-    model = _binding_model(tiny_model)
-    batch = collate(_examples(3), masking=None, seed=0, epoch=0)
-    with torch.no_grad():
-        out = model(batch, "ZN")
-        plain = loss_sums(out, batch, 1.0, focal_gamma=0.0)
-        focal = loss_sums(out, batch, 1.0, focal_gamma=2.0)
-    assert 0 < float(focal.bce_sum) < float(plain.bce_sum) and focal.bce_tokens == plain.bce_tokens
-
-
-def test_lr_schedule():
-    lrs = [lr_at(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
-    assert lrs[-1] == pytest.approx(1e-5, rel=0.05)
-    assert lr_at(200, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
 
 
 def test_end_to_end_output_tree_and_reload(tmp_path, tiny_checkpoint):
