@@ -1,12 +1,18 @@
 """Attention with MSA context: training step and forward vs context size, dense vs structured attention.
 
-    python tools/bench_context.py [--contexts 8 16 32 64] [--dense-max-context 16] [--plain-max-context 32]
+    python tools/bench_context.py [--contexts 8 16 32 64] [--dense-max-context 16] [--steps 2 --warmup 1]
+        [--ckpt-contexts 64] [--malloc-contexts 0 64]
 
 E1-150m shape (random weights, float32). Rows: a 300-residue query with 8/16/32/64 context sequences of
 110-150 residues (one row per batch), plus the 2 x 300 single-sequence batch as the baseline. Training
 step = LoRA r=16 on the 7 targets (dropout 0.1) + ion head, joint BCE + MLM loss, AdamW (as
-bench_train.py). Columns: real tokens, tokens/s, MFU (model FLOPs of the chosen attention path / time /
-float32 matmul peak measured in this run), peak RSS. Each row runs in a fresh process.
+bench_train.py). Columns: real tokens, s/iter (median of --steps timed iterations after --warmup),
+tokens/s, MFU (model FLOPs of the chosen attention path / time / float32 matmul peak measured in this
+run), peak RSS, load average at the end of the row. Each row runs in a fresh process.
+
+--malloc-contexts: the structured training rows of these context sizes again with
+MALLOC_MMAP_THRESHOLD_=131072 in the child's environment (glibc reads it at process start), to show how
+much of the peak RSS is freed memory that glibc keeps rather than live tensors.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from benchlib import (  # noqa: E402
     attention_pairs, default_bf16_rows, forward_flops, lora_params, lora_step_flops, machine_line, measure_peaks,
-    peak_rss_mb, print_table, run_child, timed,
+    median, peak_rss_mb, print_table, run_child, timed_steps,
 )
 
 QUERY_LENGTH = 300
@@ -65,7 +71,7 @@ def child(s: dict) -> dict:
     if s["mode"] == "forward":
         ids = {k: batch[k] for k in ("input_ids", "within_seq_position_ids", "global_position_ids", "sequence_ids")}
         with torch.inference_mode():
-            sec = timed(lambda: backbone(**ids), s["steps"], s["warmup"])
+            times = timed_steps(lambda: backbone(**ids), s["steps"], s["warmup"])
         flops = forward_flops(config, tokens, pairs)
     else:
         apply_lora(backbone, r=16, alpha=32, dropout=0.1)
@@ -78,9 +84,10 @@ def child(s: dict) -> dict:
             backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), bf16=False)
             optimizer_step(params, opt, ctx, 1.0, 1e-4)
 
-        sec = timed(step, s["steps"], s["warmup"])
+        times = timed_steps(step, s["steps"], s["warmup"])
         flops = lora_step_flops(config, tokens, pairs, lora_params(backbone), int((batch["mlm_labels"] != -100).sum()))
-    return {**s, "rows": len(batch["input_ids"]), "tokens": tokens, "s": sec, "tok_s": tokens / sec,
+    sec = median(times)
+    return {**s, "rows": len(batch["input_ids"]), "tokens": tokens, "s": sec, "s_min": min(times), "times": times, "tok_s": tokens / sec,
             "mfu": 100 * flops / sec / (s["peak"] * 1e9), "rss_mb": peak_rss_mb(), "load": os.getloadavg()[0]}
 
 
@@ -89,12 +96,24 @@ def main() -> None:
     p.add_argument("--preset", default="e1-150m")
     p.add_argument("--contexts", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--dense-max-context", type=int, default=16,
-                   help="dense rows only up to this many context sequences (larger ones need tens of GB)")
-    p.add_argument("--plain-max-context", type=int, default=32,
-                   help="structured training rows without activation checkpointing only up to this many context sequences")
+                   help="dense rows only up to this many context sequences (dense memory grows quadratically)")
+    p.add_argument("--plain-max-context", type=int, default=16,
+                   help="structured training rows without activation checkpointing only up to this many context "
+                        "sequences (default malloc: peak RSS grows by several MB per token; see the rows)")
+    p.add_argument("--ckpt-contexts", type=int, nargs="*", default=[8, 16, 32, 64],
+                   help="context sizes that also get a structured training row with activation checkpointing")
+    p.add_argument("--malloc-contexts", type=int, nargs="*", default=[0, 64],
+                   help="structured training rows repeated with MALLOC_MMAP_THRESHOLD_ (see above)")
+    p.add_argument("--mmap-threshold", default="131072")
+    p.add_argument("--malloc-ckpt-from", type=int, default=32,
+                   help="malloc rows of this many context sequences or more use activation checkpointing")
+    p.add_argument("--impls", nargs="+", default=["structured", "dense"], choices=["structured", "dense"])
+    p.add_argument("--no-baseline", action="store_true", help="skip the 2 x 300 no-context rows (context 0)")
     p.add_argument("--modes", nargs="+", default=["train", "forward"], choices=["train", "forward"])
     p.add_argument("--forward-contexts", type=int, nargs="+", default=None, help="context sizes of forward rows (default: --contexts)")
-    p.add_argument("--steps", type=int, default=1, help="timed iterations per row (median)")
+    p.add_argument("--steps", type=int, default=3, help="timed iterations per row (median)")
+    p.add_argument("--long-steps", type=int, default=2, help="timed iterations of rows with >= --long-context context sequences")
+    p.add_argument("--long-context", type=int, default=32)
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations before them")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -106,28 +125,38 @@ def main() -> None:
     if not default_bf16_rows():
         print("bf16 rows skipped: this CPU has no native bf16 (emulated bf16 matmuls run at ~1% of float32)")
     print(f"dense rows only up to {a.dense_max_context} context sequences: the dense path computes L x L attention in "
-          f"all 20 layers and keeps a float L x L mask per layer for backward (quadratic memory and time; >24 GB at 64)")
-    print(f"training rows without activation checkpointing only up to {a.plain_max_context} context sequences: float32 "
-          f"activations saved for a LoRA step grow linearly with tokens (slope: the rows below) and pass 16 GB at 64 rows")
-    rows = []
+          f"all 20 layers and saves L x L float masks/probabilities for backward, so its memory and time grow "
+          f"quadratically with the row length (extrapolate from the dense rows below)")
+    print(f"steps: median of {a.steps} timed iteration(s) ({a.long_steps} from {a.long_context} context sequences) after "
+          f"{a.warmup} untimed warm-up iteration(s) per row; s min = the fastest timed iteration")
+    env_mmap = {"MALLOC_MMAP_THRESHOLD_": a.mmap_threshold}
+    jobs = []  # (setting, env)
     for mode in a.modes:
         contexts = a.contexts if mode == "train" or a.forward_contexts is None else a.forward_contexts
-        for context in [0, *contexts]:
-            variants = [("dense", False), ("structured", False)]
-            if mode == "train":
-                variants += [("dense", True), ("structured", True)]
-            for impl, ckpt in variants:
-                if impl == "dense" and (context > a.dense_max_context or ckpt):
+        for context in contexts if a.no_baseline else [0, *contexts]:
+            for impl in a.impls:
+                if impl == "dense" and context > a.dense_max_context:
                     continue
-                if mode == "train" and not ckpt and context > a.plain_max_context:
+                if mode == "train" and context > a.plain_max_context:
                     continue
-                r = run_child(__file__, {"mode": mode, "impl": impl, "ckpt": ckpt, "context": context, "preset": a.preset,
-                                         "steps": a.steps, "warmup": a.warmup, "peak": peaks["float32"]}, timeout=7200)
-                print(f"  done: {r}", file=sys.stderr, flush=True)
-                rows.append(r)
-    print_table(rows, [("mode", "mode", ""), ("impl", "attention", ""), ("ckpt", "act. ckpt", ""), ("context", "context seqs", "d"), ("rows", "rows", "d"),
-                       ("tokens", "tokens", "d"), ("s", "s/iter", ".2f"), ("tok_s", "tokens/s", ".0f"), ("mfu", "MFU %", ".1f"),
-                       ("rss_mb", "peak RSS MB", ".0f"), ("load", "load avg", ".1f")])
+                jobs.append(({"mode": mode, "impl": impl, "ckpt": False, "context": context}, None))
+            if mode == "train" and context in a.ckpt_contexts and "structured" in a.impls:
+                jobs.append(({"mode": mode, "impl": "structured", "ckpt": True, "context": context}, None))
+    if "train" in a.modes:
+        for context in a.malloc_contexts:
+            # the plain step of the largest contexts does not fit in RAM: compare malloc settings with checkpointing
+            ckpt = context >= a.malloc_ckpt_from
+            jobs.append(({"mode": "train", "impl": "structured", "ckpt": ckpt, "context": context}, env_mmap))
+    rows = []
+    for setting, env in jobs:
+        malloc = "default" if env is None else f"mmap_thr={a.mmap_threshold}"
+        r = run_child(__file__, {**setting, "malloc": malloc, "preset": a.preset, "warmup": a.warmup, "peak": peaks["float32"],
+                                 "steps": a.long_steps if setting["context"] >= a.long_context else a.steps}, timeout=7200, env=env)
+        print(f"  done: {r}", file=sys.stderr, flush=True)
+        rows.append(r)
+    print_table(rows, [("mode", "mode", ""), ("impl", "attention", ""), ("ckpt", "act. ckpt", ""), ("malloc", "malloc", ""), ("context", "context seqs", "d"), ("rows", "rows", "d"),
+                       ("tokens", "tokens", "d"), ("s", "s/iter", ".2f"), ("s_min", "s min", ".2f"), ("tok_s", "tokens/s", ".0f"), ("mfu", "MFU %", ".1f"),
+                       ("rss_mb", "peak RSS MB", ".0f"), ("load", "load avg", ".1f"), ("other_cpu", "other CPU %", ".0f")])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Optimiser-step throughput and peak memory of joint LoRA training, E1-150m shape (random weights), CPU.
 
-    python tools/bench_train.py [--preset e1-150m] [--steps 3]
+    python tools/bench_train.py [--preset e1-150m] [--steps 3] [--warmup 1] [--lengths 300]
 
 One step = forward + backward of the joint loss (ion-head BCE + MLM through mlm_head) on one batch,
 gradient sync (a no-op in one process), clipping and AdamW. Rows vary batch x length, context,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -27,6 +28,8 @@ SETTINGS = [
     {"batch": 2, "length": 256, "context": 0, "precision": "bf16-autocast", "ckpt": False},
     {"batch": 2, "length": 256, "context": 0, "precision": "bf16-base+autocast", "ckpt": False},
     {"batch": 2, "length": 256, "context": 0, "precision": "float32", "ckpt": True},
+    {"batch": 2, "length": 300, "context": 0, "precision": "float32", "ckpt": False},
+    {"batch": 2, "length": 300, "context": 0, "precision": "float32", "ckpt": True},
     {"batch": 8, "length": 256, "context": 0, "precision": "float32", "ckpt": False},
     {"batch": 8, "length": 256, "context": 0, "precision": "bf16-autocast", "ckpt": False},
     {"batch": 1, "length": 256, "context": 3, "precision": "float32", "ckpt": False},
@@ -71,19 +74,21 @@ def child(s: dict) -> dict:
         backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), bf16=bf16)
         optimizer_step(params, opt, ctx, 1.0, 1e-4)
 
-    sec = timed(step, s["steps"])
+    sec = timed(step, s["steps"], s.get("warmup", 1))
     # Model FLOPs only: activation checkpointing's recomputed forward is not counted (it lowers MFU, as it should).
     flops = lora_step_flops(config, tokens, attention_pairs(backbone, batch["sequence_ids"]), lora_params(backbone),
                             int((batch["mlm_labels"] != -100).sum()))
     peak = s["peaks"]["float32" if s["precision"] == "float32" else "bfloat16"]
     return {**s, "tokens": tokens, "tok_s": tokens / sec, "prot_s": s["batch"] / sec, "s_step": sec, "rss_mb": peak_rss_mb(),
-            "mfu": 100 * flops / sec / (peak * 1e9)}
+            "mfu": 100 * flops / sec / (peak * 1e9), "load": os.getloadavg()[0]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="e1-150m")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="only the rows of these lengths")
     p.add_argument("--bf16", action="store_true", help="also the bf16 rows on a CPU without native bf16 (very slow)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -97,11 +102,17 @@ def main() -> None:
     settings = SETTINGS if (a.bf16 or default_bf16_rows()) else [s for s in SETTINGS if s["precision"] == "float32"]
     if len(settings) < len(SETTINGS):
         print("bf16 rows skipped: no native bf16 on this CPU (emulated bf16 is far slower; --bf16 runs them anyway)")
-    rows = [run_child(__file__, {**s, "preset": a.preset, "steps": a.steps, "peaks": peaks}) for s in settings]
+    if a.lengths:
+        settings = [s for s in settings if s["length"] in a.lengths]
+    print(f"steps: median of {a.steps} timed step(s) after {a.warmup} warm-up step(s); LoRA dropout 0 (apply_lora default)")
+    rows = []
+    for s in settings:
+        rows.append(run_child(__file__, {**s, "preset": a.preset, "steps": a.steps, "warmup": a.warmup, "peaks": peaks}))
+        print(f"  done: {rows[-1]}", file=sys.stderr, flush=True)
     print_table(rows, [("batch", "batch", "d"), ("length", "length", "d"), ("context", "context seqs", "d"),
                        ("precision", "precision", ""), ("ckpt", "act. ckpt", ""), ("tokens", "tokens", "d"),
                        ("s_step", "s/step", ".2f"), ("tok_s", "tokens/s", ".0f"), ("prot_s", "proteins/s", ".2f"),
-                       ("mfu", "MFU %", ".1f"), ("rss_mb", "peak RSS MB", ".0f")])
+                       ("mfu", "MFU %", ".1f"), ("rss_mb", "peak RSS MB", ".0f"), ("load", "load avg", ".1f"), ("other_cpu", "other CPU %", ".0f")])
 
 
 if __name__ == "__main__":
