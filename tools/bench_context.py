@@ -27,8 +27,18 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from benchlib import (  # noqa: E402
-    attention_pairs, default_bf16_rows, forward_flops, lora_params, lora_step_flops, machine_line, measure_peaks,
-    median, peak_rss_mb, print_table, run_child, timed_steps,
+    attention_pairs,
+    default_bf16_rows,
+    forward_flops,
+    lora_params,
+    lora_step_flops,
+    machine_line,
+    measure_peaks,
+    median,
+    peak_rss_mb,
+    print_table,
+    run_child,
+    timed_steps,
 )
 
 QUERY_LENGTH = 300
@@ -87,26 +97,55 @@ def child(s: dict) -> dict:
         times = timed_steps(step, s["steps"], s["warmup"])
         flops = lora_step_flops(config, tokens, pairs, lora_params(backbone), int((batch["mlm_labels"] != -100).sum()))
     sec = median(times)
-    return {**s, "rows": len(batch["input_ids"]), "tokens": tokens, "s": sec, "s_min": min(times), "times": times, "tok_s": tokens / sec,
-            "mfu": 100 * flops / sec / (s["peak"] * 1e9), "rss_mb": peak_rss_mb(), "load": os.getloadavg()[0]}
+    return {
+        **s,
+        "rows": len(batch["input_ids"]),
+        "tokens": tokens,
+        "s": sec,
+        "s_min": min(times),
+        "times": times,
+        "tok_s": tokens / sec,
+        "mfu": 100 * flops / sec / (s["peak"] * 1e9),
+        "rss_mb": peak_rss_mb(),
+        "load": os.getloadavg()[0],
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="e1-150m")
     p.add_argument("--contexts", type=int, nargs="+", default=[8, 16, 32, 64])
-    p.add_argument("--dense-max-context", type=int, default=16,
-                   help="dense rows only up to this many context sequences (dense memory grows quadratically)")
-    p.add_argument("--plain-max-context", type=int, default=16,
-                   help="structured training rows without activation checkpointing only up to this many context "
-                        "sequences (default malloc: peak RSS grows by several MB per token; see the rows)")
-    p.add_argument("--ckpt-contexts", type=int, nargs="*", default=[8, 16, 32, 64],
-                   help="context sizes that also get a structured training row with activation checkpointing")
-    p.add_argument("--malloc-contexts", type=int, nargs="*", default=[0, 64],
-                   help="structured training rows repeated with MALLOC_MMAP_THRESHOLD_ (see above)")
+    p.add_argument(
+        "--dense-max-context",
+        type=int,
+        default=16,
+        help="dense rows only up to this many context sequences (dense memory grows quadratically)",
+    )
+    p.add_argument(
+        "--plain-max-context",
+        type=int,
+        default=16,
+        help="structured training rows without activation checkpointing only up to this many context "
+        "sequences (default malloc: peak RSS grows by several MB per token; see the rows)",
+    )
+    p.add_argument(
+        "--ckpt-contexts",
+        type=int,
+        nargs="*",
+        default=[8, 16, 32, 64],
+        help="context sizes that also get a structured training row with activation checkpointing",
+    )
+    p.add_argument(
+        "--malloc-contexts",
+        type=int,
+        nargs="*",
+        default=[0, 64],
+        help="structured training rows repeated with MALLOC_MMAP_THRESHOLD_ (see above)",
+    )
     p.add_argument("--mmap-threshold", default="131072")
-    p.add_argument("--malloc-ckpt-from", type=int, default=32,
-                   help="malloc rows of this many context sequences or more use activation checkpointing")
+    p.add_argument(
+        "--malloc-ckpt-from", type=int, default=32, help="malloc rows of this many context sequences or more use activation checkpointing"
+    )
     p.add_argument("--impls", nargs="+", default=["structured", "dense"], choices=["structured", "dense"])
     p.add_argument("--no-baseline", action="store_true", help="skip the 2 x 300 no-context rows (context 0)")
     p.add_argument("--modes", nargs="+", default=["train", "forward"], choices=["train", "forward"])
@@ -124,11 +163,15 @@ def main() -> None:
     print(f"bench_context: {a.preset}, float32, query {QUERY_LENGTH} + context rows of 110-150 residues; {machine_line(peaks)}")
     if not default_bf16_rows():
         print("bf16 rows skipped: this CPU has no native bf16 (emulated bf16 matmuls run at ~1% of float32)")
-    print(f"dense rows only up to {a.dense_max_context} context sequences: the dense path computes L x L attention in "
-          f"all 20 layers and saves L x L float masks/probabilities for backward, so its memory and time grow "
-          f"quadratically with the row length (extrapolate from the dense rows below)")
-    print(f"steps: median of {a.steps} timed iteration(s) ({a.long_steps} from {a.long_context} context sequences) after "
-          f"{a.warmup} untimed warm-up iteration(s) per row; s min = the fastest timed iteration")
+    print(
+        f"dense rows only up to {a.dense_max_context} context sequences: the dense path computes L x L attention in "
+        f"all 20 layers and saves L x L float masks/probabilities for backward, so its memory and time grow "
+        f"quadratically with the row length (extrapolate from the dense rows below)"
+    )
+    print(
+        f"steps: median of {a.steps} timed iteration(s) ({a.long_steps} from {a.long_context} context sequences) after "
+        f"{a.warmup} untimed warm-up iteration(s) per row; s min = the fastest timed iteration"
+    )
     env_mmap = {"MALLOC_MMAP_THRESHOLD_": a.mmap_threshold}
     jobs = []  # (setting, env)
     for mode in a.modes:
@@ -150,13 +193,40 @@ def main() -> None:
     rows = []
     for setting, env in jobs:
         malloc = "default" if env is None else f"mmap_thr={a.mmap_threshold}"
-        r = run_child(__file__, {**setting, "malloc": malloc, "preset": a.preset, "warmup": a.warmup, "peak": peaks["float32"],
-                                 "steps": a.long_steps if setting["context"] >= a.long_context else a.steps}, timeout=7200, env=env)
+        r = run_child(
+            __file__,
+            {
+                **setting,
+                "malloc": malloc,
+                "preset": a.preset,
+                "warmup": a.warmup,
+                "peak": peaks["float32"],
+                "steps": a.long_steps if setting["context"] >= a.long_context else a.steps,
+            },
+            timeout=7200,
+            env=env,
+        )
         print(f"  done: {r}", file=sys.stderr, flush=True)
         rows.append(r)
-    print_table(rows, [("mode", "mode", ""), ("impl", "attention", ""), ("ckpt", "act. ckpt", ""), ("malloc", "malloc", ""), ("context", "context seqs", "d"), ("rows", "rows", "d"),
-                       ("tokens", "tokens", "d"), ("s", "s/iter", ".2f"), ("s_min", "s min", ".2f"), ("tok_s", "tokens/s", ".0f"), ("mfu", "MFU %", ".1f"),
-                       ("rss_mb", "peak RSS MB", ".0f"), ("load", "load avg", ".1f"), ("other_cpu", "other CPU %", ".0f")])
+    print_table(
+        rows,
+        [
+            ("mode", "mode", ""),
+            ("impl", "attention", ""),
+            ("ckpt", "act. ckpt", ""),
+            ("malloc", "malloc", ""),
+            ("context", "context seqs", "d"),
+            ("rows", "rows", "d"),
+            ("tokens", "tokens", "d"),
+            ("s", "s/iter", ".2f"),
+            ("s_min", "s min", ".2f"),
+            ("tok_s", "tokens/s", ".0f"),
+            ("mfu", "MFU %", ".1f"),
+            ("rss_mb", "peak RSS MB", ".0f"),
+            ("load", "load avg", ".1f"),
+            ("other_cpu", "other CPU %", ".0f"),
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -44,15 +44,23 @@ def gemm_rows(repeats: int) -> list[dict]:
     torch.manual_seed(0)
     a, b = torch.randn(M, K), torch.randn(K, N)
     w = b.t().contiguous()  # F.linear's weight layout (out x in)
-    ref = (a.double() @ b.double())
+    ref = a.double() @ b.double()
     rows = []
     for mkldnn in (True, False):
         for name, fn in (("torch.mm", lambda: torch.mm(a, b)), ("F.linear", lambda: F.linear(a, w))):
             with torch.backends.mkldnn.flags(enabled=mkldnn):
                 sec = timed(fn, repeats, warmup=3)
                 err = (fn().double() - ref).abs().max().item()
-            rows.append({"op": name, "mkldnn": mkldnn, "precision": torch.get_float32_matmul_precision(),
-                         "ms": sec * 1e3, "gflops": 2 * M * K * N / sec / 1e9, "err": err})
+            rows.append(
+                {
+                    "op": name,
+                    "mkldnn": mkldnn,
+                    "precision": torch.get_float32_matmul_precision(),
+                    "ms": sec * 1e3,
+                    "gflops": 2 * M * K * N / sec / 1e9,
+                    "err": err,
+                }
+            )
     return rows
 
 
@@ -83,9 +91,17 @@ def precision_rows(repeats: int, forward_repeats: int) -> list[dict]:
                 sec = first if first > 30 else timed(lambda: model(**batch), forward_repeats, warmup=0)
             if ref_logits is None:
                 ref_logits = logits
-            rows.append({"precision": prec, "mm_gflops": 2 * M * K * N / mm_sec / 1e9, "mm_err": mm_err,
-                         "fwd_s": sec, "tok_s": tokens / sec, "logit_err": (logits - ref_logits).abs().max().item(),
-                         "logit_scale": ref_logits.abs().max().item()})
+            rows.append(
+                {
+                    "precision": prec,
+                    "mm_gflops": 2 * M * K * N / mm_sec / 1e9,
+                    "mm_err": mm_err,
+                    "fwd_s": sec,
+                    "tok_s": tokens / sec,
+                    "logit_err": (logits - ref_logits).abs().max().item(),
+                    "logit_scale": ref_logits.abs().max().item(),
+                }
+            )
     finally:
         torch.set_float32_matmul_precision(old)
     return rows
@@ -97,21 +113,42 @@ def main() -> None:
     p.add_argument("--forward-repeats", type=int, default=3, help="timed forwards per precision (median)")
     a = p.parse_args()
     print(f"bench_matmul: {machine_line()}")
-    print(f"torch.backends.mkldnn.is_available(): {torch.backends.mkldnn.is_available()}; "
-          f"torch.backends.mkl.is_available(): {torch.backends.mkl.is_available()}; "
-          f"float32 matmul precision default: {torch.get_float32_matmul_precision()}")
+    print(
+        f"torch.backends.mkldnn.is_available(): {torch.backends.mkldnn.is_available()}; "
+        f"torch.backends.mkl.is_available(): {torch.backends.mkl.is_available()}; "
+        f"float32 matmul precision default: {torch.get_float32_matmul_precision()}"
+    )
     print("torch.__config__.show() (BLAS-related lines):")
     for line in blas_lines():
         print(f"    {line}")
     print(f"\n(a) ({M} x {K}) @ ({K} x {N}) float32, median of {a.repeats}; err = max abs vs float64 reference")
-    print_table(gemm_rows(a.repeats), [("op", "op", ""), ("mkldnn", "mkldnn", ""), ("precision", "precision", ""),
-                                      ("ms", "ms", ".2f"), ("gflops", "GFLOP/s", ".1f"), ("err", "max abs err", ".2e")])
-    print(f"\n(b) set_float32_matmul_precision: F.linear ({M} x {K}) x ({N} x {K})^T and an E1-150m forward on 1 x 300 "
-          f"residues (random weights); logit err = max abs vs 'highest'")
-    print_table(precision_rows(a.repeats, a.forward_repeats),
-                [("precision", "precision", ""), ("mm_gflops", "GEMM GFLOP/s", ".1f"), ("mm_err", "GEMM err", ".2e"),
-                 ("fwd_s", "s/forward", ".3f"), ("tok_s", "tokens/s", ".0f"), ("logit_err", "logit err", ".2e"),
-                 ("logit_scale", "max |logit|", ".1f")])
+    print_table(
+        gemm_rows(a.repeats),
+        [
+            ("op", "op", ""),
+            ("mkldnn", "mkldnn", ""),
+            ("precision", "precision", ""),
+            ("ms", "ms", ".2f"),
+            ("gflops", "GFLOP/s", ".1f"),
+            ("err", "max abs err", ".2e"),
+        ],
+    )
+    print(
+        f"\n(b) set_float32_matmul_precision: F.linear ({M} x {K}) x ({N} x {K})^T and an E1-150m forward on 1 x 300 "
+        f"residues (random weights); logit err = max abs vs 'highest'"
+    )
+    print_table(
+        precision_rows(a.repeats, a.forward_repeats),
+        [
+            ("precision", "precision", ""),
+            ("mm_gflops", "GEMM GFLOP/s", ".1f"),
+            ("mm_err", "GEMM err", ".2e"),
+            ("fwd_s", "s/forward", ".3f"),
+            ("tok_s", "tokens/s", ".0f"),
+            ("logit_err", "logit err", ".2e"),
+            ("logit_scale", "max |logit|", ".1f"),
+        ],
+    )
 
 
 if __name__ == "__main__":

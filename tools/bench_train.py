@@ -19,8 +19,16 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from benchlib import (  # noqa: E402
-    attention_pairs, default_bf16_rows, lora_params, lora_step_flops, machine_line, measure_peaks, peak_rss_mb, print_table,
-    run_child, timed,
+    attention_pairs,
+    default_bf16_rows,
+    lora_params,
+    lora_step_flops,
+    machine_line,
+    measure_peaks,
+    peak_rss_mb,
+    print_table,
+    run_child,
+    timed,
 )
 
 SETTINGS = [
@@ -63,8 +71,10 @@ def child(s: dict) -> dict:
     def seq():
         return "".join(rng.choice(alphabet, s["length"]))
 
-    examples = [Example(f"p{i}", "ZN", seq(), (rng.random(s["length"]) < 0.02).astype(np.uint8),
-                        context=[seq() for _ in range(s["context"])]) for i in range(s["batch"])]
+    examples = [
+        Example(f"p{i}", "ZN", seq(), (rng.random(s["length"]) < 0.02).astype(np.uint8), context=[seq() for _ in range(s["context"])])
+        for i in range(s["batch"])
+    ]
     batch = collate(examples, masking=MaskingConfig(0.15), seed=0, epoch=0)
     tokens = int((batch["sequence_ids"] >= 0).sum())
     ctx = DistContext()
@@ -76,11 +86,20 @@ def child(s: dict) -> dict:
 
     sec = timed(step, s["steps"], s.get("warmup", 1))
     # Model FLOPs only: activation checkpointing's recomputed forward is not counted (it lowers MFU, as it should).
-    flops = lora_step_flops(config, tokens, attention_pairs(backbone, batch["sequence_ids"]), lora_params(backbone),
-                            int((batch["mlm_labels"] != -100).sum()))
+    flops = lora_step_flops(
+        config, tokens, attention_pairs(backbone, batch["sequence_ids"]), lora_params(backbone), int((batch["mlm_labels"] != -100).sum())
+    )
     peak = s["peaks"]["float32" if s["precision"] == "float32" else "bfloat16"]
-    return {**s, "tokens": tokens, "tok_s": tokens / sec, "prot_s": s["batch"] / sec, "s_step": sec, "rss_mb": peak_rss_mb(),
-            "mfu": 100 * flops / sec / (peak * 1e9), "load": os.getloadavg()[0]}
+    return {
+        **s,
+        "tokens": tokens,
+        "tok_s": tokens / sec,
+        "prot_s": s["batch"] / sec,
+        "s_step": sec,
+        "rss_mb": peak_rss_mb(),
+        "mfu": 100 * flops / sec / (peak * 1e9),
+        "load": os.getloadavg()[0],
+    }
 
 
 def main() -> None:
@@ -97,8 +116,10 @@ def main() -> None:
         return
     peaks = measure_peaks()
     print(f"bench_train: {a.preset} + LoRA r=16 (7 targets) + ion head, joint BCE+MLM, AdamW; {machine_line(peaks)}")
-    print("MFU: step model FLOPs (4 x frozen matmul weights x tokens + 6 x LoRA weights x tokens + MLM head on masked "
-          "tokens + 3 x attention) / time / the precision's measured matmul peak")
+    print(
+        "MFU: step model FLOPs (4 x frozen matmul weights x tokens + 6 x LoRA weights x tokens + MLM head on masked "
+        "tokens + 3 x attention) / time / the precision's measured matmul peak"
+    )
     settings = SETTINGS if (a.bf16 or default_bf16_rows()) else [s for s in SETTINGS if s["precision"] == "float32"]
     if len(settings) < len(SETTINGS):
         print("bf16 rows skipped: no native bf16 on this CPU (emulated bf16 is far slower; --bf16 runs them anyway)")
@@ -109,10 +130,24 @@ def main() -> None:
     for s in settings:
         rows.append(run_child(__file__, {**s, "preset": a.preset, "steps": a.steps, "warmup": a.warmup, "peaks": peaks}))
         print(f"  done: {rows[-1]}", file=sys.stderr, flush=True)
-    print_table(rows, [("batch", "batch", "d"), ("length", "length", "d"), ("context", "context seqs", "d"),
-                       ("precision", "precision", ""), ("ckpt", "act. ckpt", ""), ("tokens", "tokens", "d"),
-                       ("s_step", "s/step", ".2f"), ("tok_s", "tokens/s", ".0f"), ("prot_s", "proteins/s", ".2f"),
-                       ("mfu", "MFU %", ".1f"), ("rss_mb", "peak RSS MB", ".0f"), ("load", "load avg", ".1f"), ("other_cpu", "other CPU %", ".0f")])
+    print_table(
+        rows,
+        [
+            ("batch", "batch", "d"),
+            ("length", "length", "d"),
+            ("context", "context seqs", "d"),
+            ("precision", "precision", ""),
+            ("ckpt", "act. ckpt", ""),
+            ("tokens", "tokens", "d"),
+            ("s_step", "s/step", ".2f"),
+            ("tok_s", "tokens/s", ".0f"),
+            ("prot_s", "proteins/s", ".2f"),
+            ("mfu", "MFU %", ".1f"),
+            ("rss_mb", "peak RSS MB", ".0f"),
+            ("load", "load avg", ".1f"),
+            ("other_cpu", "other CPU %", ".0f"),
+        ],
+    )
 
 
 if __name__ == "__main__":

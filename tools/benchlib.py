@@ -11,7 +11,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -84,8 +84,15 @@ def wait_for_quiet(max_busy: float = 0.15, timeout: float = 300) -> float:
     return busy
 
 
-def run_child(script: str, setting: dict, timeout: float = 1800, env: dict[str, str] | None = None,
-              retry_if_other_cpu: float = 20.0, retry_max_seconds: float = 120.0, quiet_timeout: float = 60.0) -> dict:
+def run_child(
+    script: str,
+    setting: dict,
+    timeout: float = 1800,
+    env: dict[str, str] | None = None,
+    retry_if_other_cpu: float = 20.0,
+    retry_max_seconds: float = 120.0,
+    quiet_timeout: float = 60.0,
+) -> dict:
     """Run ``script --child JSON`` and return the JSON dict it prints last.
 
     ``env``: extra environment variables of the child (e.g. glibc's MALLOC_* settings, which glibc reads only
@@ -102,8 +109,9 @@ def run_child(script: str, setting: dict, timeout: float = 1800, env: dict[str, 
     for _ in range(2):
         wait_for_quiet(timeout=quiet_timeout)
         ru0, (b0, _), w0 = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_jiffies(), time.monotonic()
-        r = subprocess.run([sys.executable, script, "--child", json.dumps(setting)], capture_output=True, text=True,
-                           timeout=timeout, env=child_env)
+        r = subprocess.run(
+            [sys.executable, script, "--child", json.dumps(setting)], capture_output=True, text=True, timeout=timeout, env=child_env
+        )
         ru1, (b1, _), w1 = resource.getrusage(resource.RUSAGE_CHILDREN), _cpu_jiffies(), time.monotonic()
         if r.returncode != 0:
             return {**setting, "error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -115,8 +123,7 @@ def run_child(script: str, setting: dict, timeout: float = 1800, env: dict[str, 
             best = out
         if out["other_cpu"] <= retry_if_other_cpu or w1 - w0 > retry_max_seconds:
             break
-        print(f"  row disturbed (other processes used {out['other_cpu']:.0f}% of the CPUs): running it again",
-              file=sys.stderr, flush=True)
+        print(f"  row disturbed (other processes used {out['other_cpu']:.0f}% of the CPUs): running it again", file=sys.stderr, flush=True)
     return best
 
 
