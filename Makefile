@@ -1,5 +1,6 @@
 # e1min — common tasks. Everything runs in a local virtualenv ($(VENV)).
-#   make test                  install (first time) and run the whole test suite
+#   make test                  install (first time), lint, and run the whole test suite
+#   make lint                  ruff check + ruff format --check (make format rewrites)
 #   make train                 demo run: tiny random E1 + generated demo data, CPU, a few minutes
 #   make train NGPU=4 CONFIG=configs/e1_binding.yaml   real run on 4 GPUs (torchrun)
 #   make bench                 benchmark tables (model forward, training step, batching)
@@ -21,7 +22,9 @@ PY    := $(VENV)/bin/python
 BENCH := $(if $(wildcard $(BENCH_FASTA)),$(BENCH_FASTA),$(DEMO_DIR)/data/ZN_train.fasta)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test train demo-data bench clean
+LINT_PATHS := e1min tests tools
+
+.PHONY: install lint format test train demo-data bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +35,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+
+test: lint
 	$(PY) -m pytest -q
 
 # Demo inputs are generated, never downloaded: a synthetic dataset and a tiny random E1.
@@ -52,6 +63,8 @@ bench: $(STAMP) $(DEMO_DIR)/.done
 	$(PY) tools/bench_train.py
 	$(PY) tools/bench_batching.py $(BENCH)
 	$(PY) tools/bench_predict.py --fasta $(BENCH)
+	$(PY) tools/bench_context.py
+	$(PY) tools/bench_msa.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) results/demo .pytest_cache

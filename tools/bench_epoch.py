@@ -59,8 +59,16 @@ def child(s: dict) -> dict:
         backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), bf16=False)
         optimizer_step(params, opt, ctx, 1.0, 1e-4)
     sec = time.perf_counter() - t0
-    return {**s, "batches": len(plan), "tokens": real, "padding": 100 * (1 - real / padded), "epoch_s": sec,
-            "tok_s": real / sec, "rss_mb": peak_rss_mb(), "load": os.getloadavg()[0]}
+    return {
+        **s,
+        "batches": len(plan),
+        "tokens": real,
+        "padding": 100 * (1 - real / padded),
+        "epoch_s": sec,
+        "tok_s": real / sec,
+        "rss_mb": peak_rss_mb(),
+        "load": os.getloadavg()[0],
+    }
 
 
 def main() -> None:
@@ -77,13 +85,22 @@ def main() -> None:
         return
     if not Path(a.fasta).is_file():
         sys.exit(f"bench_epoch: FASTA file not found: {a.fasta} (pass --fasta PATH)")
-    print(f"bench_epoch: {a.preset}, float32, first {a.proteins} proteins of {a.fasta}, LoRA r=16 joint step per batch; "
-          f"{machine_line()}")
+    print(f"bench_epoch: {a.preset}, float32, first {a.proteins} proteins of {a.fasta}, LoRA r=16 joint step per batch; {machine_line()}")
     common = {"fasta": str(a.fasta), "proteins": a.proteins, "preset": a.preset, "max_tokens": a.max_tokens, "batch_size": a.batch_size}
     rows = [run_child(__file__, {**common, "batching": b}, timeout=4 * 3600) for b in ("token_budget", "fixed")]
-    print_table(rows, [("batching", "batching", ""), ("batches", "batches", "d"), ("tokens", "real tokens", "d"),
-                       ("padding", "padding %", ".1f"), ("epoch_s", "s/epoch", ".0f"), ("tok_s", "tokens/s", ".0f"),
-                       ("rss_mb", "peak RSS MB", ".0f"), ("load", "load avg", ".1f")])
+    print_table(
+        rows,
+        [
+            ("batching", "batching", ""),
+            ("batches", "batches", "d"),
+            ("tokens", "real tokens", "d"),
+            ("padding", "padding %", ".1f"),
+            ("epoch_s", "s/epoch", ".0f"),
+            ("tok_s", "tokens/s", ".0f"),
+            ("rss_mb", "peak RSS MB", ".0f"),
+            ("load", "load avg", ".1f"),
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,15 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from benchlib import (  # noqa: E402
-    attention_pairs, default_bf16_rows, forward_flops, machine_line, measure_peaks, peak_rss_mb, print_table, run_child, timed,
+    attention_pairs,
+    default_bf16_rows,
+    forward_flops,
+    machine_line,
+    measure_peaks,
+    peak_rss_mb,
+    print_table,
+    run_child,
+    timed,
 )
 
 SETTINGS = [
@@ -42,8 +50,14 @@ def child(s: dict) -> dict:
     with torch.inference_mode():
         sec = timed(lambda: model(**batch), s["repeats"])
     flops = forward_flops(config, tokens, attention_pairs(model, batch["sequence_ids"]))
-    return {**s, "tokens": tokens, "tok_s": tokens / sec, "ms": sec * 1000, "rss_mb": peak_rss_mb(),
-            "mfu": 100 * flops / sec / (s["peak"] * 1e9)}
+    return {
+        **s,
+        "tokens": tokens,
+        "tok_s": tokens / sec,
+        "ms": sec * 1000,
+        "rss_mb": peak_rss_mb(),
+        "mfu": 100 * flops / sec / (s["peak"] * 1e9),
+    }
 
 
 def main() -> None:
@@ -60,9 +74,23 @@ def main() -> None:
     peaks = measure_peaks()
     print(f"bench_model: {a.preset} forward (inference_mode), {machine_line(peaks)}")
     print("MFU: model FLOPs (2 x matmul weights x real tokens + attention pairs computed) / time / the dtype's measured matmul peak")
-    rows = [run_child(__file__, {**s, "dtype": d, "preset": a.preset, "repeats": a.repeats, "peak": peaks[d]}) for d in dtypes for s in SETTINGS]
-    print_table(rows, [("dtype", "dtype", ""), ("batch", "batch", "d"), ("length", "length", "d"), ("context", "context seqs", "d"),
-                       ("tokens", "tokens", "d"), ("ms", "ms/forward", ".0f"), ("tok_s", "tokens/s", ".0f"), ("mfu", "MFU %", ".1f"), ("rss_mb", "peak RSS MB", ".0f")])
+    rows = [
+        run_child(__file__, {**s, "dtype": d, "preset": a.preset, "repeats": a.repeats, "peak": peaks[d]}) for d in dtypes for s in SETTINGS
+    ]
+    print_table(
+        rows,
+        [
+            ("dtype", "dtype", ""),
+            ("batch", "batch", "d"),
+            ("length", "length", "d"),
+            ("context", "context seqs", "d"),
+            ("tokens", "tokens", "d"),
+            ("ms", "ms/forward", ".0f"),
+            ("tok_s", "tokens/s", ".0f"),
+            ("mfu", "MFU %", ".1f"),
+            ("rss_mb", "peak RSS MB", ".0f"),
+        ],
+    )
 
 
 if __name__ == "__main__":
