@@ -222,12 +222,6 @@ def _check_state_files(d: Path) -> None:
         raise RunCheckpointError(f"{d}: incomplete checkpoint, missing {', '.join(missing)}")
 
 
-def _check_meta(meta: dict, d: Path) -> None:
-    missing = [k for k in ("ions", "base_model", "base_config") if not meta.get(k)]
-    if missing:
-        raise RunCheckpointError(f"{d / META_FILE}: missing key(s) {missing}")
-
-
 def _load_base(d: Path, meta: dict, base_model: str | os.PathLike | None, device: torch.device, dtype: torch.dtype | None):
     """The base E1 named by checkpoint.json (or ``base_model``), after checking it has the trained shape."""
 
@@ -328,7 +322,6 @@ def load_checkpoint(
     d = _resolve_state(fold_dir)
     _check_state_files(d)
     meta = read_meta(d)
-    _check_meta(meta, d)
     return _build([(d, meta)], base_model, device, dtype, _requested(precision, bf16), merge, [str(d)], _find_run_dir(d))
 
 
@@ -388,7 +381,6 @@ def load_ensemble(
         d = _resolve_state(RunDir(root).fold(k))
         _check_state_files(d)
         meta = read_meta(d)
-        _check_meta(meta, d)
         states.append((d, meta))
     return _build(states, base_model, device, dtype, _requested(precision, bf16), merge, [f"fold_{k}" for k in chosen], root)
 
