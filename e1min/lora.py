@@ -9,6 +9,13 @@ Dtypes: the frozen base weight keeps its dtype (bf16 for the released checkpoint
 place, never copied; ``lora_A``/``lora_B`` are float32. Outside autocast the LoRA branch runs in
 float32 and is cast to the output dtype; under autocast its matmuls follow autocast like any Linear.
 
+Memory and speed: the unmerged forward is one autograd node (``_LoRAFunction``) that saves the
+branch input once (shared with whatever else saves it, e.g. q/k/v read the same normed input),
+a boolean dropout mask and the rank-r activations, and recomputes the dropped input in backward.
+Plain autograd would keep a float copy of the dropped input per module and run a full-size multiply
+for ``scaling``; here ``scaling`` and the dropout's ``1 / (1 - p)`` act on the rank-r tensor and the
+update is added by the GEMM itself (``addmm``). Same mathematics, float round-off apart.
+
 Merging: ``merge()`` adds ``scaling * B @ A`` into the base weight in place (computed in float32, then
 cast to the weight's dtype) and the forward then skips the LoRA branch, so a merged model runs at the
 base model's speed. No copy of the original weight is kept: ``unmerge()`` subtracts the same update,
@@ -118,12 +125,19 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return out
-        h = self.lora_dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            h = h.to(self.lora_A.dtype)
+            return F.linear(x, self.weight, self.bias)
+        p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            return self._forward_autograd(x, p)  # an unfrozen base (not e1min's use): plain autograd
+        return _LoRAFunction.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p)
+
+    def _forward_autograd(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """The reference formula in plain autograd ops (also the fused path's test oracle)."""
+        out = F.linear(x, self.weight, self.bias)
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
+        if p > 0:
+            h = h * dropout_mask(h, p) / (1 - p)
         delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
         # With B = 0 the update is exactly zero and out + 0 == out bit for bit.
         return out + delta.to(out.dtype)
@@ -161,6 +175,76 @@ class LoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
             f"scaling={self.scaling:g}, dropout={getattr(self.lora_dropout, 'p', 0.0)}, merged={self.merged}"
         )
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean keep-mask of LoRA dropout (True = kept, probability 1 - p), drawn from torch's default generator.
+
+    ``rand >= p`` rather than ``bernoulli_``: the same Bernoulli(1 - p) draw at about half the cost on the CPU.
+    """
+    return torch.rand(x.shape, device=x.device) >= p
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """``F.linear(x, W, b) + scaling * B A dropout(x)`` for a frozen W as one autograd node.
+
+    Saved for backward: x itself (no copy), the boolean dropout mask, the rank-r activations and the
+    weights; the dropped input is recomputed. Dtypes follow ``LoRALinear``'s rules: the base matmul in x's
+    dtype and the branch in A's (float32), or everything in the autocast dtype when autocast is on, as
+    ``F.linear`` would; the ops inside run with autocast off so these casts are the only ones.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
+        device_type = x.device.type
+        cast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        base_dtype = cast or x.dtype
+        lora_dtype = cast or lora_a.dtype
+        with torch.autocast(device_type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            out = F.linear(x2.to(base_dtype), weight.to(base_dtype), None if bias is None else bias.to(base_dtype))
+            mask = dropout_mask(x2, p) if p > 0 else None
+            h = x2.to(lora_dtype)
+            if mask is not None:
+                h = h * mask
+            a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
+            # scaling and 1/(1-p) on the (N, r) activations, not on an (N, out) product
+            u = F.linear(h, a) * (scaling / (1 - p))
+            if out.dtype == lora_dtype:
+                out.addmm_(u, b.t())  # the update added by the GEMM; B = 0 leaves out bit-identical
+            else:
+                out = out + F.linear(u, b).to(out.dtype)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, mask, u)
+        ctx.dtypes = (base_dtype, lora_dtype)
+        ctx.coef = scaling / (1 - p)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, mask, u = ctx.saved_tensors
+        base_dtype, lora_dtype = ctx.dtypes
+        grad_a = grad_b = grad_x = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            gl = g.to(lora_dtype)
+            a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
+            du = (gl @ b) * ctx.coef  # d loss / d (h A^T), (N, r)
+            if ctx.needs_input_grad[4]:
+                grad_b = (gl.t() @ u).to(lora_b.dtype)
+            if ctx.needs_input_grad[3]:
+                x2 = x.reshape(-1, x.shape[-1]).to(lora_dtype)
+                grad_a = (du.t() @ (x2 * mask if mask is not None else x2)).to(lora_a.dtype)
+            if ctx.needs_input_grad[0]:
+                dx = g.to(base_dtype) @ weight.to(base_dtype)
+                if mask is None and dx.dtype == lora_dtype:
+                    dx.addmm_(du, a)
+                else:
+                    dh = du @ a
+                    if mask is not None:
+                        dh.mul_(mask)
+                    dx = dx.add_(dh) if dx.dtype == lora_dtype else dx + dh.to(dx.dtype)
+                grad_x = dx.to(x.dtype).view(x.shape)
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -163,6 +163,73 @@ def test_dropout_only_on_lora_branch():
     assert layer.bias is base.bias and not layer.bias.requires_grad
 
 
+def _fused_and_reference(layer, x, p):
+    """(output, dx, dA, dB) of the fused forward and of the plain-autograd oracle, same dropout draw."""
+    results = []
+    for fused in (True, False):
+        layer.lora_A.grad = layer.lora_B.grad = None
+        xi = x.detach().clone().requires_grad_(True)
+        torch.manual_seed(7)  # the same mask for both: dropout_mask draws from the default generator
+        y = layer(xi) if fused else layer._forward_autograd(xi, p)
+        g = torch.Generator().manual_seed(1)
+        y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
+        results.append((y.detach(), xi.grad, layer.lora_A.grad, layer.lora_B.grad))
+    return results
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_fused_lora_matches_autograd_reference(p, base_dtype):
+    """The one-node forward/backward equals the textbook formula: outputs and all three gradients."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(24, 20, bias=True).to(base_dtype), r=4, alpha=8, dropout=p).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 24).to(base_dtype)
+    (y, dx, da, db), (y_ref, dx_ref, da_ref, db_ref) = _fused_and_reference(layer, x, p)
+    assert y.dtype == dx.dtype == base_dtype and da.dtype == db.dtype == torch.float32
+    tol = dict(atol=1e-5, rtol=1e-5) if base_dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    torch.testing.assert_close(da, da_ref, **tol)
+    torch.testing.assert_close(db, db_ref, **tol)
+    if p > 0:  # dropout really acts: a different draw gives a different output
+        torch.manual_seed(8)
+        assert not torch.equal(layer(x).detach(), y)
+
+
+def test_fused_lora_under_autocast_matches_reference():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(24, 20, bias=False), r=4, alpha=8, dropout=0.2).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 7, 24)
+    exact, _ = _fused_and_reference(layer, x, 0.2)  # float32, the ground truth
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, ref = _fused_and_reference(layer, x, 0.2)
+    assert fused[0].dtype == torch.bfloat16 and fused[1].dtype == torch.float32 and fused[2].dtype == torch.float32
+    for a, b, e in zip(fused, ref, exact):
+        # both bf16 computations sit within bf16 round-off of the float32 result
+        for t in (a, b):
+            assert (t.float() - e).norm() <= 2e-2 * e.norm()
+
+
+def test_dropout_mask_rate_and_scaling():
+    """Kept with probability 1 - p, and the kept inputs are scaled by 1 / (1 - p) (expectation preserved)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 1, bias=False), r=1, alpha=1, dropout=0.25).train()
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(1.0)
+    x = torch.ones(4000, 64)
+    y = layer(x).detach().squeeze(1)  # = (number kept in the row) / 0.75
+    kept = y * 0.75
+    assert torch.allclose(kept, kept.round(), atol=1e-4)
+    assert abs(kept.mean().item() / 64 - 0.75) < 0.01
+    assert abs(y.mean().item() - 64) < 0.7
+
+
 def test_rslora_scaling():
     base = nn.Linear(16, 12, bias=False)
     layer = LoRALinear(base, r=16, alpha=32, use_rslora=True)
