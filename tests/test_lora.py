@@ -14,6 +14,8 @@ from e1min.lora import (
     LoRAError,
     LoRALinear,
     apply_lora,
+    dropout_keep_probability,
+    dropout_mask,
     format_trainable_parameters,
     load_lora_state_dict,
     lora_modules,
@@ -214,20 +216,35 @@ def test_fused_lora_under_autocast_matches_reference():
             assert (t.float() - e).norm() <= 2e-2 * e.norm()
 
 
-def test_dropout_mask_rate_and_scaling():
-    """Kept with probability 1 - p, and the kept inputs are scaled by 1 / (1 - p) (expectation preserved)."""
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5])
+def test_dropout_mask_rate_and_scaling(p):
+    """Kept with probability ~1 - p in both halves of every random draw, and the kept inputs are scaled by
+    1 / keep (the expectation is preserved)."""
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(64, 1, bias=False), r=1, alpha=1, dropout=0.25).train()
+    keep = dropout_keep_probability(p)
+    assert abs(keep - (1 - p)) <= 2**-16
+    layer = LoRALinear(nn.Linear(64, 1, bias=False), r=1, alpha=1, dropout=p).train()
     with torch.no_grad():
         layer.weight.zero_()
         layer.lora_A.fill_(1.0)
         layer.lora_B.fill_(1.0)
     x = torch.ones(4000, 64)
-    y = layer(x).detach().squeeze(1)  # = (number kept in the row) / 0.75
-    kept = y * 0.75
-    assert torch.allclose(kept, kept.round(), atol=1e-4)
-    assert abs(kept.mean().item() / 64 - 0.75) < 0.01
+    y = layer(x).detach().squeeze(1)  # = (number kept in the row) / keep
+    kept = y * keep
+    assert torch.allclose(kept, kept.round(), atol=1e-3)
     assert abs(y.mean().item() - 64) < 0.7
+    mask = dropout_mask(torch.empty(200_001), p)  # odd size: the last draw is cut
+    assert mask.shape == (200_001,) and mask.dtype == torch.bool
+    for half in (mask[0::2], mask[1::2]):
+        assert abs(half.float().mean().item() - keep) < 0.006
+
+
+def test_dropout_mask_draws_from_the_default_generator():
+    torch.manual_seed(3)
+    a = dropout_mask(torch.empty(5, 7), 0.3)
+    torch.manual_seed(3)
+    assert torch.equal(a, dropout_mask(torch.empty(5, 7), 0.3))
+    assert not torch.equal(a, dropout_mask(torch.empty(5, 7), 0.3))
 
 
 def test_rslora_scaling():

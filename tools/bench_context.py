@@ -3,12 +3,13 @@
     python tools/bench_context.py [--contexts 8 16 32 64] [--dense-max-context 16] [--steps 2 --warmup 1]
         [--ckpt-contexts 64] [--malloc-contexts 0 64]
 
-E1-150m shape (random weights, float32). Rows: a 300-residue query with 8/16/32/64 context sequences of
+E1-150m shape (random weights), float32 and, where the CPU has native bf16, bf16 (a bf16 base under
+bf16 autocast, float32 LoRA weights, as ``training.bf16``). Rows: a 300-residue query with 8/16/32/64 context sequences of
 110-150 residues (one row per batch), plus the 2 x 300 single-sequence batch as the baseline. Training
-step = LoRA r=16 on the 7 targets (dropout 0.1) + ion head, joint BCE + MLM loss, AdamW (as
+step = LoRA r=16 on the 7 targets (dropout 0.2, the real recipe's) + ion head, joint BCE + MLM loss, AdamW (as
 bench_train.py). Columns: real tokens, s/iter (median of --steps timed iterations after --warmup),
-tokens/s, MFU (model FLOPs of the chosen attention path / time / float32 matmul peak measured in this
-run), peak RSS, load average at the end of the row. Each row runs in a fresh process.
+tokens/s, MFU (model FLOPs of the chosen attention path / time / the row precision's matmul peak
+measured in this run), peak RSS, load average at the end of the row. Each row runs in a fresh process.
 
 --malloc-contexts: the structured training rows of these context sizes again with
 MALLOC_MMAP_THRESHOLD_=131072 in the child's environment (glibc reads it at process start), to show how
@@ -72,7 +73,8 @@ def child(s: dict) -> dict:
 
     torch.manual_seed(0)
     config = preset(s["preset"])
-    backbone = random_model(config, seed=0)
+    bf16 = s.get("precision", "float32") == "bf16"
+    backbone = random_model(config, seed=0, dtype=torch.bfloat16 if bf16 else torch.float32)
     backbone.set_attn_impl(s["impl"])
     backbone.set_gradient_checkpointing(s.get("ckpt", False))
     batch = collate(make_examples(s["context"]), masking=MaskingConfig(0.15), seed=0, epoch=0)
@@ -80,18 +82,18 @@ def child(s: dict) -> dict:
     pairs = attention_pairs(backbone, batch["sequence_ids"])
     if s["mode"] == "forward":
         ids = {k: batch[k] for k in ("input_ids", "within_seq_position_ids", "global_position_ids", "sequence_ids")}
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             times = timed_steps(lambda: backbone(**ids), s["steps"], s["warmup"])
         flops = forward_flops(config, tokens, pairs)
     else:
-        apply_lora(backbone, r=16, alpha=32, dropout=0.1)
+        apply_lora(backbone, r=16, alpha=32, dropout=0.2)
         model = BindingModel(backbone, ["ZN"], head_dropout=0.3).train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = build_optimizer(model, 1e-4, 0.035)
         ctx = DistContext()
 
         def step():
-            backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), bf16=False)
+            backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), bf16=bf16)
             optimizer_step(params, opt, ctx, 1.0, 1e-4)
 
         times = timed_steps(step, s["steps"], s["warmup"])
@@ -146,6 +148,13 @@ def main() -> None:
     p.add_argument(
         "--malloc-ckpt-from", type=int, default=32, help="malloc rows of this many context sequences or more use activation checkpointing"
     )
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=None,
+        choices=["float32", "bf16"],
+        help="default: float32, plus bf16 where the CPU has native bf16 (emulated bf16 rows take hours)",
+    )
     p.add_argument("--impls", nargs="+", default=["structured", "dense"], choices=["structured", "dense"])
     p.add_argument("--no-baseline", action="store_true", help="skip the 2 x 300 no-context rows (context 0)")
     p.add_argument("--modes", nargs="+", default=["train", "forward"], choices=["train", "forward"])
@@ -160,8 +169,11 @@ def main() -> None:
         print(json.dumps(child(json.loads(a.child))))
         return
     peaks = measure_peaks()
-    print(f"bench_context: {a.preset}, float32, query {QUERY_LENGTH} + context rows of 110-150 residues; {machine_line(peaks)}")
-    if not default_bf16_rows():
+    precisions = a.precisions or (["float32", "bf16"] if default_bf16_rows() else ["float32"])
+    print(
+        f"bench_context: {a.preset}, {' and '.join(precisions)}, query {QUERY_LENGTH} + context rows of 110-150 residues; {machine_line(peaks)}"
+    )
+    if a.precisions is None and not default_bf16_rows():
         print("bf16 rows skipped: this CPU has no native bf16 (emulated bf16 matmuls run at ~1% of float32)")
     print(
         f"dense rows only up to {a.dense_max_context} context sequences: the dense path computes L x L attention in "
@@ -174,22 +186,24 @@ def main() -> None:
     )
     env_mmap = {"MALLOC_MMAP_THRESHOLD_": a.mmap_threshold}
     jobs = []  # (setting, env)
-    for mode in a.modes:
-        contexts = a.contexts if mode == "train" or a.forward_contexts is None else a.forward_contexts
-        for context in contexts if a.no_baseline else [0, *contexts]:
-            for impl in a.impls:
-                if impl == "dense" and context > a.dense_max_context:
-                    continue
-                if mode == "train" and context > a.plain_max_context:
-                    continue
-                jobs.append(({"mode": mode, "impl": impl, "ckpt": False, "context": context}, None))
-            if mode == "train" and context in a.ckpt_contexts and "structured" in a.impls:
-                jobs.append(({"mode": mode, "impl": "structured", "ckpt": True, "context": context}, None))
+    for precision in precisions:
+        for mode in a.modes:
+            contexts = a.contexts if mode == "train" or a.forward_contexts is None else a.forward_contexts
+            for context in contexts if a.no_baseline else [0, *contexts]:
+                for impl in a.impls:
+                    # the dense reference is compared in float32 only (its bf16 rows would repeat the story)
+                    if impl == "dense" and (context > a.dense_max_context or precision != "float32"):
+                        continue
+                    if mode == "train" and context > a.plain_max_context:
+                        continue
+                    jobs.append(({"mode": mode, "precision": precision, "impl": impl, "ckpt": False, "context": context}, None))
+                if mode == "train" and context in a.ckpt_contexts and "structured" in a.impls:
+                    jobs.append(({"mode": mode, "precision": precision, "impl": "structured", "ckpt": True, "context": context}, None))
     if "train" in a.modes:
         for context in a.malloc_contexts:
             # the plain step of the largest contexts does not fit in RAM: compare malloc settings with checkpointing
             ckpt = context >= a.malloc_ckpt_from
-            jobs.append(({"mode": "train", "impl": "structured", "ckpt": ckpt, "context": context}, env_mmap))
+            jobs.append(({"mode": "train", "precision": "float32", "impl": "structured", "ckpt": ckpt, "context": context}, env_mmap))
     rows = []
     for setting, env in jobs:
         malloc = "default" if env is None else f"mmap_thr={a.mmap_threshold}"
@@ -200,7 +214,7 @@ def main() -> None:
                 "malloc": malloc,
                 "preset": a.preset,
                 "warmup": a.warmup,
-                "peak": peaks["float32"],
+                "peak": peaks["bfloat16" if setting["precision"] == "bf16" else "float32"],
                 "steps": a.long_steps if setting["context"] >= a.long_context else a.steps,
             },
             timeout=7200,
@@ -212,6 +226,7 @@ def main() -> None:
         rows,
         [
             ("mode", "mode", ""),
+            ("precision", "precision", ""),
             ("impl", "attention", ""),
             ("ckpt", "act. ckpt", ""),
             ("malloc", "malloc", ""),
