@@ -249,17 +249,19 @@ class _LoRAFunction(torch.autograd.Function):
             du = (gl @ b) * ctx.coef  # d loss / d (h A^T), (N, r)
             if ctx.needs_input_grad[4]:
                 grad_b = (gl.t() @ u).to(lora_b.dtype)
+            # one bool -> float conversion serves both uses of the mask below
+            keep = None if mask is None else mask.to(lora_dtype)
             if ctx.needs_input_grad[3]:
                 x2 = x.reshape(-1, x.shape[-1]).to(lora_dtype)
-                grad_a = (du.t() @ (x2 * mask if mask is not None else x2)).to(lora_a.dtype)
+                grad_a = (du.t() @ (x2 * keep if keep is not None else x2)).to(lora_a.dtype)
             if ctx.needs_input_grad[0]:
                 dx = g.to(base_dtype) @ weight.to(base_dtype)
-                if mask is None and dx.dtype == lora_dtype:
+                if keep is None and dx.dtype == lora_dtype:
                     dx.addmm_(du, a)
                 else:
                     dh = du @ a
-                    if mask is not None:
-                        dh.mul_(mask)
+                    if keep is not None:
+                        dh.mul_(keep)
                     dx = dx.add_(dh) if dx.dtype == lora_dtype else dx + dh.to(dx.dtype)
                 grad_x = dx.to(x.dtype).view(x.shape)
         return grad_x, None, None, grad_a, grad_b, None, None

@@ -252,10 +252,46 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
 
 
 def clip(x: torch.Tensor, c: float) -> torch.Tensor:
-    """``x.clamp(-c, c)`` whose backward keeps a boolean mask instead of a float copy of ``x`` (4x less memory)."""
-    if not x.requires_grad:
-        return x.clamp(-c, c)
-    return torch.where(x.detach().abs() <= c, x, x.detach().clamp(-c, c))
+    """``x.clamp(-c, c)``; its backward keeps a boolean mask of the clipped entries, and none at all when
+    nothing was clipped (the usual case), instead of a float copy of ``x``."""
+    return clip_rope(x, c, None, None)
+
+
+def clip_rope(x: torch.Tensor, c: float | None, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    """RoPE of ``x.clamp(-c, c)``: ``y * cos + rotate_half(y) * sin`` (``c`` None: no clamp; ``cos`` None: no RoPE).
+
+    The forward is the textbook formula op for op; with grad, one autograd node whose backward is
+    ``g * cos - rotate_half(g * sin)`` zeroed where ``x`` was clipped.
+    """
+    if x.requires_grad and torch.is_grad_enabled():
+        return _ClipRope.apply(x, c, cos, sin)
+    return _clip_rope_forward(x, c, cos, sin)
+
+
+def _clip_rope_forward(x, c, cos, sin):
+    y = x if c is None else x.clamp(-c, c)
+    return y if cos is None else y * cos + rotate_half(y) * sin
+
+
+class _ClipRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, c, cos, sin):
+        out = _clip_rope_forward(x, c, cos, sin)
+        clipped = None
+        if c is not None:
+            clipped = x.abs() > c  # True where the clamp cut: its gradient is 0 there
+            if not bool(clipped.any()):
+                clipped = None
+        ctx.save_for_backward(cos, sin, clipped)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin, clipped = ctx.saved_tensors
+        g = grad if cos is None else grad * cos - rotate_half(grad * sin)
+        if clipped is not None:
+            g = g.masked_fill(clipped, 0.0)
+        return g, None, None, None
 
 
 class _SiluGate(torch.autograd.Function):
@@ -269,8 +305,8 @@ class _SiluGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        s = torch.sigmoid(a)
-        return grad * b * (s * (1 + a * (1 - s))), grad * (a * s)
+        # aten's fused silu_backward: grad * s * (1 + a * (1 - s)) in one pass (s = sigmoid(a))
+        return torch.ops.aten.silu_backward(grad * b, a), grad * F.silu(a)
 
 
 class Attention(nn.Module):
@@ -291,11 +327,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.clip_qkv is not None:
-            q, k, v = (clip(t, self.clip_qkv) for t in (q, k, v))
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = clip_rope(q, self.clip_qkv, cos, sin), clip_rope(k, self.clip_qkv, cos, sin)
+        if self.clip_qkv is not None:
+            v = clip(v, self.clip_qkv)
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)

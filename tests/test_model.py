@@ -155,3 +155,30 @@ def test_gradient_checkpointing_same_gradients(tiny_model):
         tiny_model(**batch).logits.square().mean().backward()
         grads.append(tiny_model.model.layers[0].ffn.mlp.w1.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_clip_rope_forward_is_the_formula_and_backward_passes_gradcheck():
+    """clip_rope = RoPE(clamp(x)) op for op; its hand-written backward agrees with finite differences,
+    with some entries clipped (zero gradient) and none clipped (no mask kept)."""
+    from e1min.model import _ClipRope, clip_rope, rope_cos_sin, rotate_half
+
+    torch.manual_seed(0)
+    cos, sin = rope_cos_sin(torch.arange(7)[None], 8, 10000.0, torch.float64)
+    x = (torch.randn(1, 2, 7, 8, dtype=torch.float64) * 3).requires_grad_(True)
+    y = x.detach().clamp(-4.0, 4.0)
+    assert torch.equal(clip_rope(x, 4.0, cos, sin), y * cos + rotate_half(y) * sin)
+    assert bool((x.abs() > 4.0).any())  # the check below covers clipped entries
+    assert torch.autograd.gradcheck(lambda t: _ClipRope.apply(t, 4.0, cos, sin), (x,))
+    assert torch.autograd.gradcheck(lambda t: _ClipRope.apply(t, 100.0, cos, sin), (x,))
+    assert torch.autograd.gradcheck(lambda t: _ClipRope.apply(t, 4.0, None, None), (x,))
+    (g,) = torch.autograd.grad(clip_rope(x, 4.0, None, None).sum(), x)
+    assert torch.equal(g, (x.abs() <= 4.0).double())
+
+
+def test_silu_gate_backward_passes_gradcheck():
+    from e1min.model import _SiluGate
+
+    torch.manual_seed(0)
+    a, b = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.equal(_SiluGate.apply(a, b), F.silu(a) * b)
+    assert torch.autograd.gradcheck(_SiluGate.apply, (a, b))
