@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from e1min.config import E1Config
+from e1min.runtime import release_free_memory
 
 
 @dataclass
@@ -412,11 +413,16 @@ class E1Model(nn.Module):
         within_mask, global_mask = layer_masks(sequence_ids, self.attn_impl)
         rope_within = rope_cos_sin(within_seq_position_ids, cfg.head_dim, cfg.rope_theta_within_seq, dtype)
         rope_global = rope_cos_sin(global_position_ids, cfg.head_dim, cfg.rope_theta_global, dtype)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             cos, sin = rope_global if layer.is_global else rope_within
             mask = global_mask if layer.is_global else within_mask
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if recompute:
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+                if h.device.type == "cpu":
+                    # A checkpointed layer frees all its activations on return; without this glibc keeps them
+                    # (fragmented, mostly never reused): 64 context rows, E1-150m: 10.4 -> 6.5 GB peak RSS.
+                    release_free_memory()
             else:
                 h = layer(h, cos, sin, mask)
         return self.norm(h)

@@ -190,3 +190,33 @@ def test_predictor_and_trainer_record_what_ran(tmp_path, tiny_checkpoint, native
     assert load_checkpoint(tmp_path / "out/fold_1").precision == "float32"
     assert load_checkpoint(tmp_path / "out/fold_1", precision="bf16").precision == "bf16"
     assert load_checkpoint(tmp_path / "out/fold_1", bf16=False).precision == "float32"
+
+
+def test_release_free_memory_trims_on_glibc():
+    import platform
+
+    from e1min.runtime import release_free_memory
+
+    done = release_free_memory()
+    assert isinstance(done, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert done  # malloc_trim found and called
+
+
+def test_checkpointed_forward_releases_memory_after_each_layer(tiny_model, monkeypatch):
+    """Only a checkpointed training forward trims (once per layer): inference and the plain step never do."""
+    import e1min.model as model_module
+    from e1min.tokenizer import prepare_batch
+
+    calls = []
+    monkeypatch.setattr(model_module, "release_free_memory", lambda: calls.append(1) or True)
+    batch = prepare_batch(["MKTAYIAK,ACDEFG", "MKV"])
+    tiny_model.train()
+    tiny_model(**batch).logits.sum().backward()
+    assert calls == []
+    tiny_model.set_gradient_checkpointing(True)
+    tiny_model(**batch).logits.sum().backward()
+    assert len(calls) == len(tiny_model.model.layers)
+    with torch.no_grad():
+        tiny_model(**batch)
+    assert len(calls) == len(tiny_model.model.layers)
