@@ -64,6 +64,8 @@ bench: $(STAMP) $(DEMO_DIR)/.done
 	$(PY) tools/bench_batching.py $(BENCH)
 	$(PY) tools/bench_predict.py --fasta $(BENCH)
 	$(PY) tools/bench_context.py
+	$(PY) tools/bench_matmul.py
+	$(PY) tools/bench_epoch.py --fasta $(BENCH)
 	$(PY) tools/bench_msa.py
 
 clean:

@@ -2,7 +2,7 @@
 
     python tools/bench_epoch.py [--fasta ../shared/data/metal/ZN_train.fasta] [--proteins 200] [--max-tokens 4096]
 
-E1-150m shape (random weights, float32), no context, LoRA r=16 on the 7 targets + ion head, joint loss,
+E1-150m shape (random weights, float32), no context, LoRA r=16 on the 7 targets (dropout 0.2) + ion head, joint loss,
 AdamW, one optimiser step per batch (as bench_train.py). Reports wall time per epoch, tokens/s over real
 tokens only (padding excluded), padding fraction and peak RSS. Each batching mode runs in a fresh process.
 """
@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from benchlib import machine_line, peak_rss_mb, print_table, run_child  # noqa: E402
 
-DEFAULT_FASTA = "/work/shared/data/metal/ZN_train.fasta"
+# the shared data folder beside the repository (as the Makefile's BENCH_FASTA)
+DEFAULT_FASTA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "metal" / "ZN_train.fasta")
 
 
 def child(s: dict) -> dict:
@@ -45,7 +46,7 @@ def child(s: dict) -> dict:
     else:
         plan = fixed_size_batches(lengths, s["batch_size"], seed=0)
     backbone = random_model(preset(s["preset"]), seed=0)
-    apply_lora(backbone, r=16, alpha=32, dropout=0.1)
+    apply_lora(backbone, r=16, alpha=32, dropout=0.2)
     model = BindingModel(backbone, ["ZN"], head_dropout=0.3).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, 1e-4, 0.035)
