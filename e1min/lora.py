@@ -13,7 +13,7 @@ Memory and speed: the unmerged forward is one autograd node (``_LoRAFunction``) 
 branch input once (shared with whatever else saves it, e.g. q/k/v read the same normed input),
 a boolean dropout mask and the rank-r activations, and recomputes the dropped input in backward.
 Plain autograd would keep a float copy of the dropped input per module and run a full-size multiply
-for ``scaling``; here ``scaling`` and the dropout's ``1 / (1 - p)`` act on the rank-r tensor and the
+for ``scaling``; here ``scaling`` and the dropout's ``1 / keep`` act on the rank-r tensor and the
 update is added by the GEMM itself (``addmm``). Same mathematics, float round-off apart.
 
 Merging: ``merge()`` adds ``scaling * B @ A`` into the base weight in place (computed in float32, then

@@ -145,7 +145,7 @@ def release_free_memory() -> bool:
 
     glibc keeps freed tensor memory mapped, and eager PyTorch's mix of tensor sizes fragments it so that
     much of it is never reused: a checkpointed step over a long context row otherwise holds ~2x its live
-    memory (README, "Memory"). Numbers are unaffected; only where pages come from.
+    memory (README, Performance, "The allocator"). Numbers are unaffected; only where pages come from.
     """
     trim = _malloc_trim()
     if trim is None:
