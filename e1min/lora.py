@@ -202,6 +202,11 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return (halves >= thresholds).view(-1)[:n].view(x.shape)
 
 
+def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # via uint8: torch's bool -> float conversion is an order of magnitude slower on the CPU than uint8 -> float
+    return mask.view(torch.uint8).to(dtype)
+
+
 class _LoRAFunction(torch.autograd.Function):
     """``F.linear(x, W, b) + scaling * B A dropout(x)`` for a frozen W as one autograd node.
 
@@ -223,7 +228,7 @@ class _LoRAFunction(torch.autograd.Function):
             mask = dropout_mask(x2, p) if p > 0 else None
             h = x2.to(lora_dtype)
             if mask is not None:
-                h = h * mask
+                h = h * _as_float(mask, lora_dtype)
             a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
             # scaling and the dropout's 1/keep on the (N, r) activations, not on an (N, out) product
             coef = scaling / dropout_keep_probability(p)
@@ -249,8 +254,8 @@ class _LoRAFunction(torch.autograd.Function):
             du = (gl @ b) * ctx.coef  # d loss / d (h A^T), (N, r)
             if ctx.needs_input_grad[4]:
                 grad_b = (gl.t() @ u).to(lora_b.dtype)
-            # one bool -> float conversion serves both uses of the mask below
-            keep = None if mask is None else mask.to(lora_dtype)
+            # one conversion serves both uses of the mask below
+            keep = None if mask is None else _as_float(mask, lora_dtype)
             if ctx.needs_input_grad[3]:
                 x2 = x.reshape(-1, x.shape[-1]).to(lora_dtype)
                 grad_a = (du.t() @ (x2 * keep if keep is not None else x2)).to(lora_a.dtype)
