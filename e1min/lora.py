@@ -26,6 +26,7 @@ of the update's magnitude. Keep the base checkpoint if you need the bf16 weights
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -198,8 +199,13 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     n = x.numel()
     bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()
     halves = bits.view(torch.int16).view(-1, 2)  # little-endian: [low 16 bits (signed), high 15 bits]
-    thresholds = torch.tensor([2 * k - _DROP_BITS, k], dtype=torch.int16, device=x.device)
-    return (halves >= thresholds).view(-1)[:n].view(x.shape)
+    return (halves >= _drop_thresholds(k, x.device)).view(-1)[:n].view(x.shape)
+
+
+@functools.lru_cache(maxsize=32)
+def _drop_thresholds(k: int, device: torch.device) -> torch.Tensor:
+    # cached: building it on a GPU at every call would be a host-to-device copy (and a sync) per LoRA layer
+    return torch.tensor([2 * k - _DROP_BITS, k], dtype=torch.int16, device=device)
 
 
 def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -224,7 +230,13 @@ class _LoRAFunction(torch.autograd.Function):
         lora_dtype = cast or lora_a.dtype
         with torch.autocast(device_type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
-            out = F.linear(x2.to(base_dtype), weight.to(base_dtype), None if bias is None else bias.to(base_dtype))
+            # out is returned itself, not as a view of a 2-D product, so that callers may modify it in place
+            out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=base_dtype, device=x.device)
+            xb, wb = x2.to(base_dtype), weight.to(base_dtype).t()
+            if bias is None:
+                torch.mm(xb, wb, out=out.view(-1, out.shape[-1]))
+            else:
+                torch.addmm(bias.to(base_dtype), xb, wb, out=out.view(-1, out.shape[-1]))
             mask = dropout_mask(x2, p) if p > 0 else None
             h = x2.to(lora_dtype)
             if mask is not None:
@@ -234,13 +246,13 @@ class _LoRAFunction(torch.autograd.Function):
             coef = scaling / dropout_keep_probability(p)
             u = F.linear(h, a) * coef
             if out.dtype == lora_dtype:
-                out.addmm_(u, b.t())  # the update added by the GEMM; B = 0 leaves out bit-identical
+                out.view(-1, out.shape[-1]).addmm_(u, b.t())  # added by the GEMM; B = 0 leaves out bit-identical
             else:
-                out = out + F.linear(u, b).to(out.dtype)
+                out = out + F.linear(u, b).to(out.dtype).view(out.shape)
         ctx.save_for_backward(x, weight, lora_a, lora_b, mask, u)
         ctx.dtypes = (base_dtype, lora_dtype)
         ctx.coef = coef
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):

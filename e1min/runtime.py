@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import sys
 from typing import Literal
 
 import torch
@@ -134,10 +135,14 @@ def _note_once(key: str, message: str) -> None:
 
 @functools.cache
 def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc; absent on macOS and musl
-    except (OSError, AttributeError):
+    if not sys.platform.startswith("linux"):
         return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # glibc; musl has none
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
 def release_free_memory() -> bool:

@@ -200,6 +200,39 @@ def test_fused_lora_matches_autograd_reference(p, base_dtype):
         assert not torch.equal(layer(x).detach(), y)
 
 
+def test_lora_output_can_be_modified_in_place():
+    layer = LoRALinear(nn.Linear(8, 6), r=2, alpha=4, dropout=0.1).train()
+    for x in (torch.randn(3, 8, requires_grad=True), torch.randn(2, 3, 8, requires_grad=True)):
+        y = layer(x)
+        y.add_(1.0).relu_()
+        y.sum().backward()
+        assert x.grad is not None and layer.lora_B.grad is not None
+
+
+def test_dropout_under_checkpointing_same_grads(tiny_config, batch):
+    """Checkpointing recomputes each layer with the RNG state restored: the same dropout masks, the same gradients."""
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)  # lora_A's init draws from the default generator too
+        model = apply_lora(random_model(tiny_config, seed=1), r=4, alpha=8, dropout=0.3)
+        _randomize_b(model)
+        model.set_gradient_checkpointing(ckpt)
+        model.train()
+        torch.manual_seed(5)
+        _loss(model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5)
+    # and dropout is really on: another draw changes the gradients
+    torch.manual_seed(0)
+    model = apply_lora(random_model(tiny_config, seed=1), r=4, alpha=8, dropout=0.3)
+    _randomize_b(model)
+    model.train()
+    torch.manual_seed(6)
+    _loss(model, batch).backward()
+    assert any(not torch.allclose(p.grad, grads[0][n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_fused_lora_under_autocast_matches_reference():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(24, 20, bias=False), r=4, alpha=8, dropout=0.2).train()
