@@ -104,7 +104,46 @@ def read_state_meta(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]
     except OSError as e:
         raise RunCheckpointError(f"{path}: unreadable ({e.strerror or e})") from None
     validate_meta(meta, path)
+    check_adapter_agrees(d, meta)
     return d, meta
+
+
+# checkpoint.json's "lora" key -> (adapter_config.json's key, LoRAConfig attribute)
+_LORA_KEYS = {
+    "r": ("r", "r"),
+    "alpha": ("lora_alpha", "alpha"),
+    "lora_dropout": ("lora_dropout", "dropout"),
+    "target_modules": ("target_modules", "target_modules"),
+    "layers": ("layers_to_transform", "layers"),
+    "use_rslora": ("use_rslora", "use_rslora"),
+}
+
+
+def check_adapter_agrees(directory: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """RunCheckpointError naming both files and values where adapter_config.json and checkpoint.json's ``lora`` disagree.
+
+    The adapter file is what loads; a disagreement means one of the two was edited or copied from another run.
+    """
+    from e1min.adapters import ADAPTER_CONFIG_NAME, read_adapter_config
+
+    d = Path(directory)
+    if not (d / ADAPTER_CONFIG_NAME).exists():
+        return  # load_adapter reports the missing file
+    adapter = read_adapter_config(d)
+    lora = meta.get("lora") or {}
+    diffs = []
+    for key, (adapter_key, attr) in _LORA_KEYS.items():
+        if key not in lora:
+            continue
+        mine, theirs = lora[key], getattr(adapter, attr)
+        if key in ("target_modules", "layers") and mine is not None and theirs is not None:
+            mine, theirs = sorted(mine), sorted(theirs)
+        elif key in ("alpha", "lora_dropout") and _number(mine):
+            mine, theirs = float(mine), float(theirs)
+        if mine != theirs:
+            diffs.append(f"{adapter_key} {theirs!r} in {ADAPTER_CONFIG_NAME}, lora.{key} {mine!r} in {META_FILE}")
+    if diffs:
+        raise RunCheckpointError(f"{d}: {ADAPTER_CONFIG_NAME} and {META_FILE} disagree: " + "; ".join(diffs))
 
 
 def _int(lo: int | None = None) -> tuple[Callable[[Any], bool], str]:
@@ -158,6 +197,26 @@ TRAINER_STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bad_epochs": _int(0),
     "history": ((lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v)), "a list of objects"),
 }
+# Written only by a run a signal stopped mid-epoch (absent: the state is at an epoch boundary).
+OPTIONAL_TRAINER_STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "window": _int(0),
+    "partial": (
+        lambda v: (
+            v is None
+            or (
+                isinstance(v, dict)
+                and all(k in v for k in ("stats", "tokens", "seconds", "world_size", "accum_steps"))
+                and isinstance(v["stats"], list)
+                and all(isinstance(r, list) and len(r) == 4 and all(_number(x) for x in r) for r in v["stats"])
+                and _int(0)[0](v["tokens"])
+                and _number(v["seconds"])
+                and _int(1)[0](v["world_size"])
+                and _int(1)[0](v["accum_steps"])
+            )
+        ),
+        "null or an object with stats (rows of 4 numbers), tokens, seconds, world_size, accum_steps",
+    ),
+}
 
 
 def validate_meta(meta: Any, path: str | os.PathLike) -> None:
@@ -178,6 +237,13 @@ def validate_meta(meta: Any, path: str | os.PathLike) -> None:
         E1Config.from_dict(meta["base_config"], source="'base_config'")
     except ConfigError as e:
         raise RunCheckpointError(f"{path}: {e}") from None
+    if meta.get("validation_msa_sampling") is not None:
+        from e1min.data.msa import VALIDATION_SAMPLING, MSASampling
+
+        try:
+            MSASampling.from_dict(meta["validation_msa_sampling"], base=VALIDATION_SAMPLING)
+        except (E1minError, TypeError, ValueError) as e:
+            raise RunCheckpointError(f"{path}: 'validation_msa_sampling': {e}") from None
     if "trainer_state" in meta:
         validate_trainer_state(meta["trainer_state"], path)
 
@@ -191,7 +257,12 @@ def validate_trainer_state(state: Any, path: str | os.PathLike) -> None:
             raise RunCheckpointError(f"{path}: missing field 'trainer_state.{name}' ({what}); cannot resume")
         if not ok(state[name]):
             raise RunCheckpointError(f"{path}: 'trainer_state.{name}' must be {what}, got {show(state[name])}")
-    unknown = set(state) - set(TRAINER_STATE_FIELDS)
+    for name, (ok, what) in OPTIONAL_TRAINER_STATE_FIELDS.items():
+        if name in state and not ok(state[name]):
+            raise RunCheckpointError(f"{path}: 'trainer_state.{name}' must be {what}, got {show(state[name])}")
+    if state.get("window") and not state.get("partial"):
+        raise RunCheckpointError(f"{path}: 'trainer_state.window' is {state['window']} but 'trainer_state.partial' is missing")
+    unknown = set(state) - set(TRAINER_STATE_FIELDS) - set(OPTIONAL_TRAINER_STATE_FIELDS)
     unknown = sorted(unknown - _fold_state_fields()) if unknown else []
     if unknown:
         raise RunCheckpointError(

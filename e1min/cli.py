@@ -445,8 +445,13 @@ def run_guarded(command: str, func: Callable[..., int | None], *args: object) ->
 
     Any other exception is a bug (or out of memory) and propagates with its traceback (exit 1).
     """
+    from e1min.stop import StopRequested
+
     try:
         return int(func(*args) or 0)
+    except StopRequested as e:
+        print(f"e1min {command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

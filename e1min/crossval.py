@@ -24,6 +24,7 @@ from e1min.recipe import Recipe
 from e1min.report import report_run
 from e1min.run import STATE_NAMES, RunDir, RunLock, RunLockError, RunStateError, remove_temporaries
 from e1min.runtime import set_matmul_precision, training_precision
+from e1min.stop import GracefulStop, StopRequested
 from e1min.trainer import FoldTrainer, RunData, as_recipe
 
 log = logging.getLogger("e1min")
@@ -101,11 +102,14 @@ def check_fold_meta(path: Path, saved: dict[str, Any], expected: dict[str, Any])
             )
 
 
-def run_cross_validation(cfg: Recipe | dict, ctx: DistContext, resume: bool = False, restart_folds: bool = False) -> dict[str, Any] | None:
+def run_cross_validation(
+    cfg: Recipe | dict, ctx: DistContext, resume: bool = False, restart_folds: bool = False, stop: GracefulStop | None = None
+) -> dict[str, Any] | None:
     """Train every requested fold (skipping completed ones), then summarise. Returns the summary (rank 0).
 
     A fold with a partial state (``fold_K/last`` or ``best`` without ``fold_result.json``) continues only
     with ``resume`` and starts over only with ``restart_folds``; otherwise this refuses, naming the fold.
+    ``stop``: a signal flag; once raised, the fold trainer saves ``last/`` and raises ``StopRequested``.
     """
     cfg = as_recipe(cfg)
     t = cfg.training
@@ -129,7 +133,7 @@ def run_cross_validation(cfg: Recipe | dict, ctx: DistContext, resume: bool = Fa
                 log.info("fold %d: --restart-fold: removing its previous state", k)
                 shutil.rmtree(run.fold(k))
             ctx.barrier("restart_fold")
-        FoldTrainer(cfg, ctx, data, fold, run.root).run(resume)
+        FoldTrainer(cfg, ctx, data, fold, run.root, stop=stop).run(resume)
     if data.provider is not None and data.provider.missing and ctx.is_main:
         log.info("%d proteins had no MSA and ran single-sequence", len(data.provider.missing))
     summary = None
@@ -147,7 +151,8 @@ def train_run(
     """``e1min train`` after argument parsing: join the process group, lock the run directory, log, run.
 
     Rank 0 locks ``output_dir`` before anything (even ``training.log``) is written; every rank agrees on
-    the outcome, so a refused lock stops all of them with the same error.
+    the outcome, so a refused lock stops all of them with the same error. SIGTERM, SIGINT and SIGUSR1
+    stop the run at the next step boundary with ``last/`` saved (``StopRequested``); a second one at once.
     """
     cfg = as_recipe(cfg)
     if resume and restart_folds:
@@ -155,31 +160,41 @@ def train_run(
     set_matmul_precision(cfg.model.matmul_precision)
     ctx = init_distributed(cfg.general.dist_timeout_seconds, cfg.general.device)
     out = Path(cfg.training.output_dir)
-    lock = RunLock(out)
+    lock = RunLock(out, "training.output_dir")
     try:
-        error, removed = None, []
-        if ctx.is_main:
+        with GracefulStop() as stop:
+            error, removed = None, []
+            if ctx.is_main:
+                try:
+                    lock.acquire()
+                    removed = remove_temporaries(out)
+                except RunLockError as e:
+                    error = e
+            if ctx.any(error is not None, "run_lock"):
+                raise error or RunLockError(f"{out}: rank 0 could not lock the run directory")
+            setup_logging(out, ctx.is_main)
+            for n in notes:
+                log.info(n)
+            if lock.took_over:
+                h = lock.took_over
+                log.info(
+                    "took over the run lock left by process %s on %s (started %s), no longer running", h["pid"], h["host"], h["started"]
+                )
+            if removed:
+                log.info("removed %d temporary file(s) left by an interrupted save, e.g. %s", len(removed), removed[0])
+            log.info(
+                "e1min train: %s, %d process(es) on %s, precision %s, float32 matmul precision %s",
+                label,
+                ctx.world_size,
+                ctx.device,
+                training_precision(ctx.device, cfg.training.bf16),
+                cfg.model.matmul_precision,
+            )
             try:
-                lock.acquire()
-                removed = remove_temporaries(out)
-            except RunLockError as e:
-                error = e
-        if ctx.any(error is not None, "run_lock"):
-            raise error or RunLockError(f"{out}: rank 0 could not lock the run directory")
-        setup_logging(out, ctx.is_main)
-        for n in notes:
-            log.info(n)
-        if removed:
-            log.info("removed %d temporary file(s) left by an interrupted save, e.g. %s", len(removed), removed[0])
-        log.info(
-            "e1min train: %s, %d process(es) on %s, precision %s, float32 matmul precision %s",
-            label,
-            ctx.world_size,
-            ctx.device,
-            training_precision(ctx.device, cfg.training.bf16),
-            cfg.model.matmul_precision,
-        )
-        return run_cross_validation(cfg, ctx, resume=resume, restart_folds=restart_folds)
+                return run_cross_validation(cfg, ctx, resume=resume, restart_folds=restart_folds, stop=stop)
+            except StopRequested as e:
+                log.info("%s", e)
+                raise
     finally:
         lock.release()
         ctx.destroy()

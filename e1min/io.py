@@ -50,16 +50,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     silently become private on a shared cluster).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({_reason(e)})") from None
     os.fchmod(fd, file_mode())
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename not in (None, tmp, str(path)):
+            raise  # an input the block read, not this output
+        # Disk full, quota, file size limit, read-only: the previous file (if any) is untouched.
+        raise OutputError(f"{path}: cannot write ({_reason(e)}); the previous file, if any, is unchanged") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def make_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create directory ``path`` (and parents); an OSError becomes an ``OutputError`` naming ``what`` and the reason."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".e1min-probe.", delete=True)
+        probe.close()
+    except OSError as e:
+        raise OutputError(f"{what} {path}: cannot write there ({_reason(e)})") from None
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -209,6 +209,8 @@ def _resolve_state(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise RunCheckpointError(f"{p}: no such checkpoint directory")
+    if not p.is_dir():
+        raise RunCheckpointError(f"{p}: is a file; give a run directory, a fold directory or fold_K/best")
     for cand in (p, p / "best"):
         d = state_dir(cand)
         if d is not None:

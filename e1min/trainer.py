@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,10 +35,11 @@ from e1min.io import atomic_write_json, atomic_write_text, dumps_json, format_du
 from e1min.lora import apply_lora
 from e1min.recipe import Recipe
 from e1min.report import write_oof, write_plots
-from e1min.run import FoldState, RunDir
+from e1min.run import FoldState, RunDir, RunStateError
 from e1min.runtime import describe, training_precision
 from e1min.scoring import score_records
 from e1min.steps import LossSpec, backward_window, build_optimizer, lr_at, optimizer_step, trainable  # noqa: F401 (re-exported)
+from e1min.stop import GracefulStop, StopRequested
 
 log = logging.getLogger("e1min")
 
@@ -100,9 +102,10 @@ def plan_padding(plan: Sequence[tuple[str, list[Example]]]) -> float:
 class FoldTrainer:
     """Trains and validates one fold; owns the model, optimiser and the fold's output directory."""
 
-    def __init__(self, cfg: Recipe | dict, ctx: DistContext, data: RunData, fold: int, out: Path):
+    def __init__(self, cfg: Recipe | dict, ctx: DistContext, data: RunData, fold: int, out: Path, stop: GracefulStop | None = None):
         cfg = as_recipe(cfg)
         self.cfg, self.ctx, self.data, self.fold = cfg, ctx, data, fold  # fold is 0-based
+        self.stop = stop  # a signal's flag: checked (and agreed by all ranks) at every optimiser-step boundary
         self.rundir = RunDir(out)
         self.dir = self.rundir.fold(fold + 1)
         t = cfg.training
@@ -155,6 +158,11 @@ class FoldTrainer:
             if self.ctx.any(self.state.bad_epochs >= t.early_stop_patience, "early_stop"):
                 log.info("fold %d: early stop after epoch %d (best epoch %d)", self.fold + 1, epoch + 1, self.state.best_epoch + 1)
                 break
+            if self.stop_agreed():
+                raise StopRequested(
+                    self.stop.signum or signal.SIGTERM,
+                    f"stopped by {self._signal_name()} after fold {self.fold + 1} epoch {epoch + 1}; resume with --resume",
+                )
         result = {
             "fold": self.fold + 1,
             "best_epoch": self.state.best_epoch + 1,
@@ -192,7 +200,19 @@ class FoldTrainer:
         self.model.train()
         stats = torch.zeros(len(self.ions), 4, dtype=torch.float64)  # per ion: bce sum, bce tokens, mlm sum, mlm tokens
         tokens, t0 = 0, time.time()
-        for w in range(n_windows):
+        start = self.state.window
+        if start:  # resuming an epoch a signal stopped: its first `start` steps are done
+            partial = self.state.partial or {}
+            if (partial.get("world_size"), partial.get("accum_steps")) != (ctx.world_size, t.accum_steps):
+                raise RunStateError(
+                    f"{self.rundir.state(self.fold + 1, 'last')}: stopped mid-epoch with {partial.get('world_size')} process(es) and "
+                    f"accum_steps {partial.get('accum_steps')}; resume with the same, or use --restart-fold"
+                )
+            if ctx.is_main:  # the saved sums are already over all ranks
+                stats += torch.tensor(partial["stats"], dtype=torch.float64)
+            tokens, t0 = int(partial["tokens"]), t0 - float(partial["seconds"])
+            log.info("fold %d epoch %d: continuing at step %d/%d", self.fold + 1, epoch + 1, start + 1, n_windows)
+        for w in range(start, n_windows):
             window = mine[w * t.accum_steps : (w + 1) * t.accum_steps]
             batches = [self.collate_train(item, epoch) for item in window]
             # Dropout RNG per global micro-batch (shard() deals plan entry j * world + rank to this rank's
@@ -221,8 +241,10 @@ class FoldTrainer:
                     s[2] / max(1.0, s[3]),
                     self.optimizer.param_groups[0]["lr"],
                     tokens * ctx.world_size / max(elapsed, 1e-9),
-                    format_duration(elapsed / (w + 1) * (n_windows - w - 1)),
+                    format_duration(elapsed / (w + 1 - start) * (n_windows - w - 1)),
                 )
+            if self.stop_agreed():
+                self.stop_mid_epoch(epoch, w + 1, n_windows, stats, tokens, time.time() - t0)
         ctx.all_reduce(stats, "sum", "train_loss_stats")
         return {
             "train_bce": {ion: float(stats[i, 0] / max(1.0, float(stats[i, 1]))) for i, ion in enumerate(self.ions)},
@@ -231,6 +253,39 @@ class FoldTrainer:
             "seconds": time.time() - t0,
             "comm_bytes_per_step": self.comm_bytes,
         }
+
+    def stop_agreed(self) -> bool:
+        """True on every rank once any rank got a stop signal (one tiny all-reduce; none without a ``stop``)."""
+        return self.stop is not None and self.ctx.any(self.stop.requested, "stop_signal")
+
+    def _signal_name(self) -> str:
+        return self.stop.name if self.stop is not None and self.stop.requested else "a signal on another rank"
+
+    def stop_mid_epoch(self, epoch: int, window: int, n_windows: int, stats: torch.Tensor, tokens: int, seconds: float) -> None:
+        """Save ``last/`` at this step boundary, with what a resume needs to finish the epoch, then raise StopRequested.
+
+        Model, optimiser, schedule and every seed depend only on (epoch, step), so the resumed epoch equals
+        an uninterrupted one; its training-loss sums are saved over all ranks.
+        """
+        total = self.ctx.all_reduce(stats.clone(), "sum", "stop_stats")
+        st = self.state
+        st.window = window
+        st.partial = {
+            "stats": total.tolist(),
+            "tokens": tokens,
+            "seconds": seconds,
+            "world_size": self.ctx.world_size,
+            "accum_steps": self.cfg.training.accum_steps,
+        }
+        if self.ctx.is_main:
+            meta = self.meta({ion: m for ion, m in (st.history[-1]["val"].items() if st.history else [])})
+            save_state(self.rundir.state(self.fold + 1, "last"), self.model, {**meta, "trainer_state": st.__dict__}, self.optimizer)
+        self.ctx.barrier("stop_saved")
+        raise StopRequested(
+            self.stop.signum or signal.SIGTERM,
+            f"stopped by {self._signal_name()} in fold {self.fold + 1} epoch {epoch + 1} after step {window}/{n_windows} "
+            f"({self.rundir.state(self.fold + 1, 'last')} saved); resume with --resume",
+        )
 
     def collate_train(self, item: tuple[str, list[Example]] | None, epoch: int) -> tuple[dict, str] | None:
         if item is None:
@@ -287,6 +342,7 @@ class FoldTrainer:
             "val": {ion: _json_metrics(m) for ion, m in per_ion.items()},
         }
         st.history.append(record)
+        st.window, st.partial = 0, None
         if improved:
             st.best_metric, st.best_epoch, st.bad_epochs = score, epoch, 0
         else:

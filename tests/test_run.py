@@ -20,15 +20,76 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
     with RunLock(tmp_path):
         holder = json.loads((tmp_path / LOCK_FILE).read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-        with pytest.raises(RunLockError, match=f"another e1min run is writing here \\(pid {os.getpid()}"):
+        with pytest.raises(
+            RunLockError, match=f"run in use by another e1min process \\(pid {os.getpid()} on host {socket.gethostname()} since "
+        ):
             RunLock(tmp_path).acquire()
     assert not (tmp_path / LOCK_FILE).exists()  # released on exit
+    with RunLock(tmp_path):  # and can be taken again
+        pass
 
 
-def test_stale_lock_is_reported_with_the_command_to_clear_it(tmp_path):
+_HOLD = """
+import os, sys, time
+from e1min.run import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+if sys.argv[2] == "die":
+    os.kill(os.getpid(), 9)  # no cleanup at all: the lock file stays on disk
+time.sleep(60)
+"""
+
+
+def _holder(tmp_path, mode):
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path), mode], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}
+    )
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_lock_of_a_killed_process_is_taken_over(tmp_path):
+    p = _holder(tmp_path, "die")
+    assert p.wait(timeout=30) == -9
+    left = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert left["pid"] == p.pid  # the dead process's lock file is still there
+    with RunLock(tmp_path) as lock:
+        assert lock.took_over == {"pid": p.pid, "host": socket.gethostname(), "started": left["started"]}
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_live_holder_in_another_process_is_refused(tmp_path):
+    p = _holder(tmp_path, "hold")  # asleep, as a run blocked in a long step would be
+    try:
+        with pytest.raises(RunLockError, match=f"pid {p.pid} on host {socket.gethostname()}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        p.kill()
+        p.wait()
+    with RunLock(tmp_path) as lock:  # the kernel released it with the process
+        assert lock.took_over["pid"] == p.pid
+
+
+def test_without_os_locks_the_pid_check_decides(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import e1min.run as run_mod
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_mod.fcntl, "flock", no_locks)
+    monkeypatch.setattr(run_mod, "_warned_no_locks", False)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}))
-    with pytest.raises(RunLockError, match=f"stale lock of process {dead}.*rm {tmp_path / LOCK_FILE}"):
+    with caplog.at_level("WARNING", logger="e1min"):
+        with RunLock(tmp_path) as lock:  # a dead pid on this host: taken over
+            assert lock.took_over["pid"] == int(dead)
+            with pytest.raises(RunLockError, match=f"pid {os.getpid()}"):  # a live one: refused
+                RunLock(tmp_path).acquire()
+    assert sum("no working file locks" in r.message for r in caplog.records) == 1  # said once
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead), "host": "another-node", "started": "2026-01-01T00:00:00"}))
+    with pytest.raises(RunLockError, match="another-node"):  # another host's pid cannot be checked: refused
         RunLock(tmp_path).acquire()
 
 
@@ -36,7 +97,7 @@ def test_train_refuses_a_locked_output_dir_before_writing(tmp_path, tiny_checkpo
     cfg = toy_config(tmp_path, tiny_checkpoint, training={"epochs": 1})
     out = tmp_path / "out"
     with RunLock(out):
-        with pytest.raises(RunLockError, match="another e1min run is writing here"):
+        with pytest.raises(RunLockError, match="run in use by another e1min process"):
             train_main(["--config", str(cfg)])
     assert sorted(p.name for p in out.iterdir()) == []  # not even training.log
 

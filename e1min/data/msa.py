@@ -71,6 +71,11 @@ class MSASampling:
     max_query_similarity: float = 0.95
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want_int = f.name in ("max_num_samples", "max_token_length")
+            if isinstance(v, bool) or not isinstance(v, int if want_int else (int, float)):
+                raise DataError(f"MSA sampling: {f.name!r} must be {'an integer' if want_int else 'a number'}, got {v!r}")
         if self.max_num_samples < 0 or self.max_token_length < 0:
             raise DataError(
                 f"MSA sampling: 'max_num_samples' and 'max_token_length' must be >= 0, got {self.max_num_samples} and {self.max_token_length}"
