@@ -1,4 +1,4 @@
-"""E1, written out: embeddings, RMSNorm, RoPE, two kinds of attention, gated MLP, MLM head.
+"""E1, written out: embeddings, RMSNorm, RoPE, two kinds of attention (kernels in ``attention.py``), gated MLP, MLM head.
 
 Module paths equal the checkpoint's tensor names (``model.layers.0.norm_attn_norm.self_attn.q_proj.weight``,
 ...), so a released ``model.safetensors`` loads as a plain state dict.
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from e1min.attention import ATTN_IMPLS, attend, layer_masks
 from e1min.config import E1Config
 from e1min.runtime import release_free_memory
 
@@ -50,206 +51,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-def attention_masks(sequence_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Boolean SDPA masks (B, 1, L, L) for within-sequence and global layers, True = may attend.
-
-    Within-sequence: same sequence id. Global: key's sequence id <= query's (block-causal).
-    Padding (id -1) is never a key; a padding query attends only to itself so its row is not empty.
-    Returns (None, None) when every row is one unpadded sequence: then both kinds attend everywhere.
-    This is the dense reference path (``attn_impl="dense"``): O(L^2) memory per forward.
-    """
-    valid = sequence_ids >= 0
-    if bool(valid.all()) and bool((sequence_ids == 0).all()):
-        return None, None
-    q, k = sequence_ids[:, :, None], sequence_ids[:, None, :]
-    diag = torch.eye(sequence_ids.shape[1], dtype=torch.bool, device=sequence_ids.device)
-    key_ok = valid[:, None, :]
-    within = ((q == k) & key_ok) | diag
-    glob = ((k <= q) & key_ok) | diag
-    return within[:, None], glob[:, None]
-
-
-# ---------------------------------------------------------------------------------------------
-# Structured attention: compute only the blocks E1's masks allow.
-#
-# In a row built by the tokenizer, sequence ids run 0,0,..,1,1,..,s,s and padding (-1) comes last.
-# Then a within-sequence layer is plain attention inside each sequence's token range, and a global
-# layer lets sequence s attend to the row's prefix up to the end of s. Both are lists of
-# (row, query range, key range) blocks; each block is an unmasked (or, for a global chunk of several
-# short sequences, a small block-causal masked) flash-attention call. Cost is sum(len^2) for
-# within-sequence layers and about half of L^2 for global ones, memory is linear in L: the CPU flash
-# kernel keeps only the log-sum-exp per query for backward, never the probabilities.
-# ---------------------------------------------------------------------------------------------
-# Global-layer query chunks gather consecutive sequences up to this many tokens: bigger blocks run the
-# flash kernel more efficiently; the price is the block-causal mask inside a chunk (a few % extra FLOPs).
-GLOBAL_QUERY_CHUNK = 512
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-
-@dataclass(frozen=True)
-class BlockRanges:
-    """One layer kind's attention as blocks ``(row, q0, q1, k0, k1, masked)``: queries q0:q1 of ``row``
-    attend to keys k0:k1; ``masked`` blocks (several sequences in one global chunk) also need key id <= query id.
-    Query ranges are disjoint; padding queries are in no block (their output is 0)."""
-
-    blocks: tuple[tuple[int, int, int, int, int, bool], ...]
-    sequence_ids: torch.Tensor
-
-    def block_mask(self, row: int, q0: int, q1: int, k0: int, k1: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive float mask (q1-q0, k1-k0) of a masked global block: 0 where key id <= query id, else -inf."""
-        sid = self.sequence_ids[row]
-        ok = sid[k0:k1][None, :] <= sid[q0:q1][:, None]
-        return torch.zeros(ok.shape, dtype=dtype, device=sid.device).masked_fill_(~ok, float("-inf"))
-
-
-def sequence_spans(sequence_ids: torch.Tensor) -> list[tuple[int, int, int]] | None:
-    """(row, start, end) of every sequence, row-major; None unless each row is runs of non-decreasing ids
-    followed by padding (the layout ``prepare_batch`` and ``collate`` produce)."""
-    sid = sequence_ids
-    valid = sid >= 0
-    padding_last = bool((valid[:, 1:] <= valid[:, :-1]).all())
-    non_decreasing = bool(((sid[:, 1:] >= sid[:, :-1]) | ~valid[:, 1:]).all())
-    if not (padding_last and non_decreasing):
-        return None
-    b, n = sid.shape
-    # One flat run key per (row, id); padding gets a per-row negative key so runs never cross rows.
-    rows = torch.arange(b, device=sid.device)[:, None]
-    key = torch.where(valid, rows * (int(sid.max()) + 2) + sid, -1 - rows).flatten()
-    values, counts = torch.unique_consecutive(key, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    keep = values >= 0
-    row = starts[keep] // n
-    start = starts[keep] - row * n
-    return list(zip(row.tolist(), start.tolist(), (start + counts[keep]).tolist()))
-
-
-def structured_ranges(sequence_ids: torch.Tensor, chunk: int = GLOBAL_QUERY_CHUNK) -> tuple[BlockRanges, BlockRanges] | None:
-    """Within-sequence and global ``BlockRanges`` of a batch, or None when its layout is not the tokenizer's."""
-    spans = sequence_spans(sequence_ids)
-    if spans is None:
-        return None
-    within = tuple((r, s, e, s, e, False) for r, s, e in spans)
-    glob = []
-    for r, s, e in spans:  # one step per sequence, not per token
-        # Extend the previous chunk of the same row while it is short; keys are always the prefix [0, end).
-        if glob and glob[-1][0] == r and glob[-1][2] == s and glob[-1][2] - glob[-1][1] < chunk:
-            glob[-1] = (r, glob[-1][1], e, 0, e, True)
-        else:
-            glob.append((r, s, e, 0, e, False))
-    return BlockRanges(within, sequence_ids), BlockRanges(tuple(glob), sequence_ids)
-
-
-class _BlockAttention(torch.autograd.Function):
-    """Flash attention (CPU kernel) over disjoint query blocks, each with its own key range.
-
-    One autograd node for all blocks: backward writes each block's dq into place and adds its dk/dv into
-    the key range, instead of autograd materialising a full-size zero gradient per slice. Saved for
-    backward: q, k, v, output and one log-sum-exp per query (no L x L tensor; masks are rebuilt).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, ranges: BlockRanges):
-        b, h, n, d = q.shape
-        out = q.new_zeros(b, n, h, d).transpose(1, 2)  # (B, L, H, D) memory: o_proj's reshape is then free
-        lse = None
-        for r, q0, q1, k0, k1, masked in ranges.blocks:
-            mask = ranges.block_mask(r, q0, q1, k0, k1, q.dtype) if masked else None
-            o, block_lse = _FLASH_CPU(q[r : r + 1, :, q0:q1], k[r : r + 1, :, k0:k1], v[r : r + 1, :, k0:k1], attn_mask=mask)
-            if lse is None:
-                lse = block_lse.new_zeros(b, h, n)
-            out[r : r + 1, :, q0:q1] = o
-            lse[r : r + 1, :, q0:q1] = block_lse
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ranges = ranges
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for r, q0, q1, k0, k1, masked in ctx.ranges.blocks:
-            mask = ctx.ranges.block_mask(r, q0, q1, k0, k1, q.dtype) if masked else None
-            qs, ks = (r, slice(None), slice(q0, q1)), (r, slice(None), slice(k0, k1))
-            gq, gk, gv = _FLASH_CPU_BACKWARD(
-                grad_out[r : r + 1, :, q0:q1],
-                q[r : r + 1, :, q0:q1],
-                k[r : r + 1, :, k0:k1],
-                v[r : r + 1, :, k0:k1],
-                out[r : r + 1, :, q0:q1],
-                lse[r : r + 1, :, q0:q1],
-                0.0,
-                False,
-                attn_mask=mask,
-            )
-            dq[qs] = gq[0]
-            dk[ks] += gk[0]
-            dv[ks] += gv[0]
-        return dq, dk, dv, None
-
-
-def flex_block_masks(sequence_ids: torch.Tensor):
-    """CUDA: FlexAttention BlockMasks (within, global) from ``sequence_ids``; fully masked tiles are skipped."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    sid = sequence_ids
-    b, n = sid.shape
-
-    def within(bi, hi, qi, ki):
-        return (sid[bi, ki] >= 0) & (sid[bi, ki] == sid[bi, qi])
-
-    def glob(bi, hi, qi, ki):
-        return (sid[bi, ki] >= 0) & (sid[bi, ki] <= sid[bi, qi])
-
-    return (create_block_mask(within, b, None, n, n, device=sid.device), create_block_mask(glob, b, None, n, n, device=sid.device))
-
-
-_compiled_flex = None
-
-
-def flex_attention(q, k, v, block_mask):
-    """torch.compile'd FlexAttention (compiled once per process; uncompiled flex is a slow reference)."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention as fa
-
-        _compiled_flex = torch.compile(fa)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
-
-
-ATTN_IMPLS = ("structured", "dense")
-
-
-def layer_masks(sequence_ids: torch.Tensor, impl: str = "structured"):
-    """What the within-sequence and global layers attend with, built once per forward.
-
-    Each is None (one unpadded sequence per row: plain SDPA), a dense boolean mask (``impl="dense"``,
-    or layouts the structured path does not handle), ``BlockRanges`` (CPU) or a FlexAttention BlockMask (CUDA).
-    """
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    valid = sequence_ids >= 0
-    if bool(valid.all()) and bool((sequence_ids == 0).all()):
-        return None, None  # today's fast path: every row one unpadded sequence
-    if impl == "structured":
-        if sequence_ids.device.type == "cpu" and _FLASH_CPU is not None:
-            ranges = structured_ranges(sequence_ids)
-            if ranges is not None:
-                return ranges
-        elif sequence_ids.device.type == "cuda" and hasattr(torch.nn.attention, "flex_attention"):
-            return flex_block_masks(sequence_ids)
-    return attention_masks(sequence_ids)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v for (B, H, L, D) inputs and any ``layer_masks`` mask kind."""
-    if mask is None or isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if isinstance(mask, BlockRanges):
-        return _BlockAttention.apply(q, k, v, mask)
-    return flex_attention(q, k, v, mask)
 
 
 def clip(x: torch.Tensor, c: float) -> torch.Tensor:
@@ -335,10 +136,7 @@ class Attention(nn.Module):
         q, k = clip_rope(q, self.clip_qkv, cos, sin), clip_rope(k, self.clip_qkv, cos, sin)
         if self.clip_qkv is not None:
             v = clip(v, self.clip_qkv)
-        if self.n_kv != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        a = attend(q, k, v, mask)
+        a = attend(q, k, v, mask)  # grouped-query heads (n_kv < n_heads) are shared inside the kernel
         return self.o_proj(a.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -394,7 +192,7 @@ class E1Model(nn.Module):
     def __init__(self, config: E1Config, attn_impl: str = "structured"):
         super().__init__()
         self.config = config
-        # "structured": compute only the blocks the masks allow (linear memory); "dense": B x L x L masks.
+        # "structured": only the blocks the masks allow (CPU blocks, CUDA FlexAttention); "flex"; "dense": L x L masks.
         self.attn_impl = attn_impl
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_seq_id = nn.Embedding(config.max_num_sequences, config.hidden_size)
@@ -456,7 +254,8 @@ class E1ForMaskedLM(nn.Module):
         return E1Output(logits=logits, embeddings=emb)
 
     def set_attn_impl(self, impl: str) -> None:
-        """``"structured"`` (default: only allowed blocks, memory linear in L) or ``"dense"`` (reference masks)."""
+        """``"structured"`` (default: only the allowed blocks, memory linear in L; FlexAttention on CUDA), ``"flex"``
+        (FlexAttention on any device; the CPU only for inference) or ``"dense"`` (reference masks). See ``e1min.attention``."""
         if impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
         self.model.attn_impl = impl

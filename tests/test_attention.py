@@ -1,12 +1,13 @@
 """Structured attention (only the blocks E1's masks allow) against the dense masked path, float32."""
 
+import numpy as np
 import pytest
 import torch
 
-import e1min.model as model_mod
+import e1min.attention as attention_mod
+from e1min.attention import BlockRanges, attention_masks, layer_masks, structured_ranges
 from e1min.config import preset
 from e1min.lora import apply_lora
-from e1min.model import BlockRanges, attention_masks, layer_masks, structured_ranges
 from e1min.random_checkpoint import random_model
 from e1min.tokenizer import prepare_batch
 
@@ -40,7 +41,7 @@ def run(model, batch, impl):
 @pytest.fixture(params=[1, 16, 512], ids=lambda c: f"chunk{c}")
 def chunk(request, monkeypatch):
     """Global-layer query chunk: 1 = one sequence per block (no mask), larger = masked multi-sequence blocks."""
-    monkeypatch.setattr(model_mod, "GLOBAL_QUERY_CHUNK", request.param)
+    monkeypatch.setattr(attention_mod, "GLOBAL_QUERY_CHUNK", request.param)
     return request.param
 
 
@@ -128,7 +129,7 @@ def test_gqa_matches_dense(chunk):
     [("context_uneven", 4, 1), ("mixed_padded", 4, 16), ("mixed_padded", 2, 512), ("many_short", 2, 16)],
 )
 def test_lora_gradients_match_dense(name, kv_heads, chunk_size, monkeypatch):
-    monkeypatch.setattr(model_mod, "GLOBAL_QUERY_CHUNK", chunk_size)
+    monkeypatch.setattr(attention_mod, "GLOBAL_QUERY_CHUNK", chunk_size)
     config = preset("tiny", num_hidden_layers=6, num_key_value_heads=kv_heads)
     model = lora_model(config)
     batch = prepare_batch(BATCHES[name])
@@ -192,3 +193,110 @@ def test_no_quadratic_tensor_saved_for_backward(tiny_config):
 def test_attention_masks_still_importable():
     within, glob = attention_masks(prepare_batch(["AC,DE"])["sequence_ids"])
     assert within.shape == glob.shape == (1, 1, 12, 12)
+
+
+# -- FlexAttention (CUDA's path; its forward also runs on the CPU, compiled) ---------------------------------
+FLEX_BATCHES = {**BATCHES, "one_context_row": [",".join([seq(7), seq(21, 1), seq(4, 2), seq(150, 3)])]}
+
+
+@pytest.mark.parametrize("name", FLEX_BATCHES)
+def test_flex_forward_matches_structured_and_dense(tiny_model, name):
+    batch = prepare_batch(FLEX_BATCHES[name])
+    valid = batch["sequence_ids"] >= 0
+    dense, structured, flex = (run(tiny_model, batch, impl) for impl in ("dense", "structured", "flex"))
+    for other in (dense, structured):
+        torch.testing.assert_close(flex.logits[valid], other.logits[valid], atol=ATOL, rtol=0)
+        torch.testing.assert_close(flex.embeddings[valid], other.embeddings[valid], atol=ATOL, rtol=0)
+
+
+def test_flex_gqa_matches_dense():
+    model = random_model(preset("tiny", num_hidden_layers=6, num_key_value_heads=2), seed=3, dtype=torch.float32)
+    batch = prepare_batch(BATCHES["mixed_padded"])
+    dense, flex = run(model, batch, "dense"), run(model, batch, "flex")
+    valid = batch["sequence_ids"] >= 0
+    torch.testing.assert_close(flex.embeddings[valid], dense.embeddings[valid], atol=ATOL, rtol=0)
+
+
+def _random_rows(rng, rows, max_len):
+    return [
+        ",".join(seq(int(rng.integers(3, max_len)), int(rng.integers(20))) for _ in range(int(rng.integers(1, 6)))) for _ in range(rows)
+    ]
+
+
+def test_flex_tiles_equal_torchs_own_block_mask():
+    """Tiles classified from id ranges (O((L/128)^2)) = create_block_mask's element-wise evaluation."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from e1min.attention import flex_block_masks
+
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        sid = prepare_batch(_random_rows(rng, 3, 120))["sequence_ids"]
+        b, n = sid.shape
+        ours = flex_block_masks(sid)
+        for mask, rule in zip(ours, ("within", "global")):
+
+            def mod(bi, hi, qi, ki, rule=rule, sid=sid):
+                ok = sid[bi, ki] == sid[bi, qi] if rule == "within" else sid[bi, ki] <= sid[bi, qi]
+                return ok & (sid[bi, ki] >= 0)
+
+            ref = create_block_mask(mod, b, None, n, n, device="cpu")
+            assert torch.equal(mask.to_dense(), ref.to_dense()), rule
+            assert torch.equal(mask.full_kv_num_blocks, ref.full_kv_num_blocks), rule
+
+
+def test_flex_compiles_a_bounded_number_of_graphs():
+    """15 batch shapes (B = 1..5, lengths 20..600): a handful of graphs, no recompile-limit fallback."""
+    import warnings
+
+    from e1min.attention import FLEX_RECOMPILE_LIMIT, flex_graph_count
+
+    torch._dynamo.reset()  # count from zero, whatever earlier tests compiled
+    model = random_model(preset("tiny", num_hidden_layers=3), seed=2, dtype=torch.float32)
+    rng = np.random.default_rng(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # flex's unfused fallback warns that it materialises the scores
+        for i in range(15):
+            batch = prepare_batch(_random_rows(rng, 1 + i % 5, 20 + 40 * i))
+            run(model, batch, "flex")
+    assert 1 <= flex_graph_count() <= 4 < FLEX_RECOMPILE_LIMIT
+
+
+def test_flex_recompile_limit_is_an_error_not_a_silent_fallback(tiny_model, monkeypatch):
+    import e1min.attention as att
+
+    batch = prepare_batch(BATCHES["mixed_padded"])
+    run(tiny_model, batch, "flex")  # float32 graph exists
+    monkeypatch.setattr(att, "FLEX_RECOMPILE_LIMIT", att.flex_graph_count())
+    with pytest.raises(att.AttentionError, match="recompile limit"):
+        run(tiny_model.double(), batch, "flex")  # float64 needs one more graph
+
+
+def test_flex_training_on_the_cpu_is_a_clear_error(tiny_config):
+    from e1min.attention import AttentionError
+
+    model = lora_model(tiny_config)
+    with pytest.raises(AttentionError, match="no backward on the CPU"):
+        lora_grads(model, prepare_batch(BATCHES["mixed_padded"]), "flex")
+
+
+def test_flex_mask_memory_is_linear_in_length():
+    """Both BlockMasks of a 32k-token context row: kilobytes of tiles, never an L x L evaluation (1 GB here)."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch
+from e1min.attention import flex_block_masks
+n = 32768
+sid = torch.repeat_interleave(torch.arange(n // 256), 256)[None]
+sid[0, -100:] = -1
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+w, g = flex_block_masks(sid)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+assert w.kv_num_blocks.shape == (1, 1, 256) and int(g.full_kv_num_blocks.sum()) > 0
+print(grown)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.strip()) < 64 * 1024, r.stdout  # KiB: under 64 MB

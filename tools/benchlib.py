@@ -233,7 +233,7 @@ def lora_params(model: torch.nn.Module) -> int:
 
 def attention_pairs(model, sequence_ids: torch.Tensor) -> int:
     """(query, key) pairs the model's attention path computes for this batch, summed over layers."""
-    from e1min.model import BlockRanges, layer_masks
+    from e1min.attention import BlockRanges, layer_masks
 
     backbone = model.model if hasattr(model, "model") else model
     within, glob = layer_masks(sequence_ids, backbone.attn_impl)
