@@ -18,6 +18,7 @@ traceback); anything else is a bug and shows its traceback (exit 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -194,7 +195,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     out = check_output_file(args.out or f"predictions.{fmt}", [args.fasta])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ctx = init_distributed(timeout_s=float(os.environ.get("E1MIN_PREDICT_TIMEOUT", 24 * 3600)), device=args.device) if world > 1 else None
-    try:
+    with ctx.session() if ctx is not None else contextlib.nullcontext():
         predictor, ions, provider, records, skipped = _load_for_prediction(args, ctx.device if ctx else None)
         rank, ws = (ctx.rank, ctx.world_size) if ctx else (0, 1)
         if rank == 0:
@@ -220,9 +221,6 @@ def _run_predict(args: argparse.Namespace) -> int:
                 f"{stats['residues_per_s']:.0f} residues/s",
                 file=sys.stderr,
             )
-    finally:
-        if ctx is not None:
-            ctx.destroy()
     return 0
 
 

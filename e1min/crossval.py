@@ -161,8 +161,8 @@ def train_run(
     ctx = init_distributed(cfg.general.dist_timeout_seconds, cfg.general.device)
     out = Path(cfg.training.output_dir)
     lock = RunLock(out, "training.output_dir")
-    try:
-        with GracefulStop() as stop:
+    with ctx.session(), GracefulStop() as stop:
+        try:
             error, removed = None, []
             if ctx.is_main:
                 try:
@@ -195,9 +195,8 @@ def train_run(
             except StopRequested as e:
                 log.info("%s", e)
                 raise
-    finally:
-        lock.release()
-        ctx.destroy()
+        finally:
+            lock.release()
 
 
 def setup_logging(out: Path, is_main: bool) -> None:

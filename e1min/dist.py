@@ -2,12 +2,16 @@
 
 Launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT set) it joins a process group:
 NCCL on CUDA (device cuda:LOCAL_RANK), gloo on CPU. Every collective runs under a timeout, and a
-failed collective (dead or stuck peer) becomes a DistributedError naming the operation.
+failed collective (dead or stuck peer) becomes a DistributedError naming the operation. A rank that
+fails on its own (an exception, CUDA out of memory) marks the context failed: it then skips the final
+barrier its peers would never join and aborts its NCCL communicator, so they fail fast instead of
+hanging. ``E1MIN_FORCE_DIST=1`` forms a process group even for one process (NCCL code on one GPU).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import gc
 import os
@@ -31,8 +35,10 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     timeout_s: float = 300.0
-    # Set once a collective failed (dead/hung peer): destroy() then skips its final barrier.
+    # Set once a collective failed (dead/hung peer) or this rank raised: destroy() then skips its final barrier.
     failed: bool = False
+    # A process group of one process (E1MIN_FORCE_DIST=1): collectives run through the backend anyway.
+    forced: bool = False
     # The tensors of the last few collectives (see _pin and destroy()).
     _recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8), repr=False)
 
@@ -42,7 +48,7 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.forced
 
     # -- collectives -------------------------------------------------------------------------
     def _pin(self, *tensors) -> None:
@@ -180,9 +186,26 @@ class DistContext:
                 self._run("shutdown_barrier", tdist.barrier)
             except DistributedError:
                 pass  # a peer vanished at the very end: the run's own results are already written
-        tdist.destroy_process_group()
+        abort = getattr(tdist.distributed_c10d, "_abort_process_group", None)
+        if self.failed and self.device.type == "cuda" and abort is not None:
+            # ncclCommAbort: peers blocked in a collective with this rank get an error instead of waiting for the
+            # watchdog; a plain destroy could itself block on the collectives still queued on this rank.
+            abort()
+        else:
+            tdist.destroy_process_group()
         gc.collect()
         self._recent.clear()
+
+    @contextlib.contextmanager
+    def session(self):
+        """``with ctx.session():`` marks the context failed if the block raises, then always calls ``destroy``."""
+        try:
+            yield self
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            self.destroy()
 
 
 def exit_code_for_launcher(code: int) -> int:
@@ -214,21 +237,46 @@ def replica_checksum(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([total, torch.zeros((), dtype=torch.float64, device=total.device)])
 
 
+def rank_device(device: str | None, local_rank: int, world_size: int) -> torch.device:
+    """This rank's device: ``cpu``; ``cuda`` (or None with CUDA available) -> ``cuda:LOCAL_RANK``; ``cuda:N`` -> GPU N
+    for a single process. Under torchrun an explicit index is an error (choose GPUs with CUDA_VISIBLE_DEVICES)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise DistributedError(f"general.device {device!r}: CUDA is not available on this machine")
+    if dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    elif world_size > 1:
+        raise DistributedError(
+            f"general.device {device!r}: under torchrun each rank uses cuda:LOCAL_RANK; give 'cuda' and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    if dev.index >= torch.cuda.device_count():
+        raise DistributedError(f"general.device {str(dev)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def init_distributed(timeout_s: float = 300.0, device: str | None = None, init_method: str | None = None) -> DistContext:
     """Join torchrun's process group when launched by it; otherwise a single-process context.
 
-    ``device``: "cuda", "cpu" or None (CUDA when available). ``init_method``: default ``env://``
-    (torchrun); tests pass a ``file://`` store.
+    ``device``: "cpu", "cuda", "cuda:N" or None (CUDA when available), see ``rank_device``. ``init_method``:
+    default ``env://`` (torchrun); tests pass a ``file://`` store. ``E1MIN_FORCE_DIST=1`` forms a group of one.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    dev = rank_device(device, local_rank, world)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
-    ctx = DistContext(rank, world, local_rank, dev, timeout_s)
-    if world > 1 and not tdist.is_initialized():
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # the watchdog tears down a rank whose collective failed
+    forced = world == 1 and os.environ.get("E1MIN_FORCE_DIST", "") not in ("", "0")
+    ctx = DistContext(rank, world, local_rank, dev, timeout_s, forced=forced)
+    if forced and init_method is None and "MASTER_ADDR" not in os.environ:
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+    if (world > 1 or forced) and not tdist.is_initialized():
         tdist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -238,3 +286,11 @@ def init_distributed(timeout_s: float = 300.0, device: str | None = None, init_m
             **({"device_id": dev} if use_cuda else {}),
         )
     return ctx
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -173,3 +173,42 @@ def worker_replicas(rank, world, store, out):
     with open(f"{out}.{rank}", "w") as fh:
         fh.write(result)
     ctx.destroy()
+
+
+def worker_raises(rank, world, store, out):
+    """Rank 1 fails on its own (as a CUDA OOM or a bad batch would) while rank 0 waits in a gradient all-reduce:
+    rank 1 must not enter a final barrier rank 0 never joins, so rank 0 fails fast instead of at the timeout."""
+    import time
+
+    ctx = init(rank, world, store, timeout=60.0)
+    ctx.barrier()
+    t0 = time.time()
+    try:
+        with ctx.session():
+            if rank == 1:
+                raise MemoryError("CUDA out of memory (simulated)")
+            for _ in range(3):
+                ctx.all_reduce(torch.ones(4), "sum", "sync_gradients")
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        with open(f"{out}.{rank}", "w") as fh:
+            fh.write(json.dumps({"error": f"{type(e).__name__}: {e}", "seconds": time.time() - t0, "failed": ctx.failed}))
+        sys.exit(1)
+    sys.exit(0)
+
+
+def worker_forced(rank, world, store, out):
+    """E1MIN_FORCE_DIST=1: a process group of one, and every collective really runs through it."""
+    import torch.distributed as tdist
+    from safetensors.torch import save_file
+
+    os.environ["E1MIN_FORCE_DIST"] = "1"
+    ctx = init(rank, world, store)
+    assert ctx.distributed and ctx.world_size == 1 and tdist.is_initialized() and tdist.get_world_size() == 1
+    calls = []
+    real = tdist.all_reduce
+    tdist.all_reduce = lambda *a, **k: calls.append(1) or real(*a, **k)
+    model = train_steps(ctx)
+    tdist.all_reduce = real
+    assert calls, "no collective ran"
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, out)
+    ctx.destroy()

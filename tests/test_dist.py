@@ -144,3 +144,40 @@ def test_replica_checksum_stays_on_the_parameters_device():
     assert out.device.type == "meta" and out.shape == (2,) and out.dtype == torch.float64
     cpu = replica_checksum([torch.ones(3, 4), torch.full((5,), 2.0)])
     assert cpu.tolist() == [22.0, 0.0]
+
+
+def test_a_rank_failing_on_its_own_does_not_hang_its_peers(tmp_path):
+    out = tmp_path / "raises"
+    assert spawn(W.worker_raises, 2, tmp_path, out, timeout=100) == [1, 1]
+    r0, r1 = (json.loads((tmp_path / f"raises.{r}").read_text()) for r in range(2))
+    assert r1["error"].startswith("MemoryError") and r1["failed"]
+    assert r0["error"].startswith("DistributedError") and "sync_gradients" in r0["error"]
+    assert r0["seconds"] < 30, r0  # the process-group timeout is 60 s: rank 0 did not wait it out
+
+
+def test_forced_group_of_one_equals_no_group(tmp_path):
+    out = tmp_path / "forced.safetensors"
+    assert spawn(W.worker_forced, 1, tmp_path, out) == [0]
+    forced = load_file(out)
+    torch.set_num_threads(1)
+    plain = dict(W.train_steps(DistContext()).named_parameters())
+    for n, t in forced.items():
+        assert torch.equal(t, plain[n].detach()), n
+
+
+def test_rank_device(monkeypatch):
+    from e1min.dist import DistributedError, rank_device
+
+    assert rank_device("cpu", 3, 4) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DistributedError, match="CUDA is not available"):
+        rank_device("cuda", 0, 1)
+    assert rank_device(None, 0, 1) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert rank_device("cuda", 2, 4) == torch.device("cuda", 2)  # cuda:LOCAL_RANK under torchrun
+    assert rank_device("cuda:1", 0, 1) == torch.device("cuda", 1)  # honoured for one process
+    with pytest.raises(DistributedError, match="CUDA_VISIBLE_DEVICES"):
+        rank_device("cuda:1", 0, 2)
+    with pytest.raises(DistributedError, match="4 CUDA device"):
+        rank_device("cuda:7", 0, 1)
