@@ -1,11 +1,16 @@
-# e1min — common tasks. Everything runs in a local virtualenv ($(VENV)).
+# e1min — common tasks. By default everything runs in a local virtualenv ($(VENV)) with a CPU torch.
 #   make test                  install (first time), lint, and run the whole test suite
 #   make lint                  ruff check + ruff format --check (make format rewrites)
 #   make train                 demo run: tiny random E1 + generated demo data, CPU, a few minutes
-#   make train NGPU=4 CONFIG=configs/e1_binding.yaml   real run on 4 GPUs (torchrun)
+#   make train NGPU=4 CONFIG=configs/e1_binding.yaml TORCH_SPEC=   real run on 4 GPUs with the box's own torch
 #   make bench                 benchmark tables (model forward, training step, batching)
-# TORCH_SPEC picks the torch build. The default pins the CPU wheel these machines carry;
-# on a GPU box use e.g. `make install TORCH_SPEC=torch` (PyPI's Linux wheel is the CUDA build).
+#   make gpu-check             the prepared GPU check (tools/gpu_check.py): installs nothing, runs $(PYTHON)
+# Which torch:
+#   TORCH_SPEC=torch==2.13.0   (default) the CPU wheel these machines carry, in .venv
+#   TORCH_SPEC=                use the torch $(PYTHON) already has (a GPU box, a cluster module, a conda env, a
+#                              container): .venv sees the system site-packages, and torch is pinned to the version
+#                              found, so pip can never replace it (an incompatible one is an error, not a download)
+#   VENV=                      no virtualenv at all: install e1min (editable) into $(PYTHON)'s environment, same pin
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -18,30 +23,40 @@ DEMO_DIR   ?= demo_data
 # Real lengths for the batching/prediction benchmarks; the demo data stands in on a machine without it.
 BENCH_FASTA ?= ../shared/data/metal/ZN_train.fasta
 
-PY    := $(VENV)/bin/python
+PY    := $(if $(VENV),$(VENV)/bin/python,$(PYTHON))
 BENCH := $(if $(wildcard $(BENCH_FASTA)),$(BENCH_FASTA),$(DEMO_DIR)/data/ZN_train.fasta)
-STAMP := $(VENV)/.installed
+STAMP := $(if $(VENV),$(VENV)/.installed,.e1min-installed)
+# Without TORCH_SPEC (or without a venv) the torch already there is pinned: pip may not touch it.
+PIN   := $(if $(and $(VENV),$(TORCH_SPEC)),,-c .torch-pin.txt)
 
 LINT_PATHS := e1min tests tools
 
-.PHONY: install lint format test train demo-data bench clean
+.PHONY: install lint format test train demo-data bench clean gpu-check
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifneq ($(VENV),)
+	test -x $(PY) || $(PYTHON) -m venv $(if $(TORCH_SPEC),,--system-site-packages) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+endif
+ifneq ($(PIN),)
+	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > .torch-pin.txt \
+	  || { echo "make: TORCH_SPEC= / VENV= use the torch $(PYTHON) already has, but 'import torch' fails there"; exit 2; }
+	@echo "using $$(cat .torch-pin.txt) from $$($(PY) -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
+else
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+endif
+	$(PY) -m pip install --quiet $(PIN) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check $(LINT_PATHS)
-	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
-	$(VENV)/bin/ruff format $(LINT_PATHS)
+	$(PY) -m ruff check --fix $(LINT_PATHS)
+	$(PY) -m ruff format $(LINT_PATHS)
 
 test: lint
 	$(PY) -m pytest -q
@@ -55,7 +70,11 @@ $(DEMO_DIR)/.done: $(STAMP) e1min/data/demo.py tools/make_demo_dataset.py
 demo-data: $(DEMO_DIR)/.done
 
 train: $(STAMP) $(if $(findstring demo,$(CONFIG)),$(DEMO_DIR)/.done)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) -m e1min.train --config $(CONFIG) $(ARGS)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NGPU) -m e1min.train --config $(CONFIG) $(ARGS)
+
+# Installs nothing and needs no network: the machine's own python3 and torch (e.g. a lent GPU box).
+gpu-check:
+	PYTHONPATH=. $(PYTHON) tools/gpu_check.py $(ARGS)
 
 bench: $(STAMP) $(DEMO_DIR)/.done
 	$(PY) tools/bench_model.py
@@ -69,4 +88,4 @@ bench: $(STAMP) $(DEMO_DIR)/.done
 	$(PY) tools/bench_msa.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) results/demo .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) results/demo .pytest_cache .e1min-installed .torch-pin.txt

@@ -47,12 +47,14 @@ class BindingModel(nn.Module):
         return list(self.heads.keys())
 
     def forward(self, batch: dict, ion: str, mlm_positions: torch.Tensor | None = None) -> "BindingOutput":
-        """Binding logits (B, L) from ``ion``'s head; MLM logits (N, vocab) only at ``mlm_positions`` (bool B x L)."""
+        """Binding logits (B, L) from ``ion``'s head; MLM logits (N, vocab) only at ``mlm_positions``: a bool (B, L)
+        mask, or flat indices into B*L (``collate``'s ``mlm_index``: no host sync on a GPU)."""
         emb = self.backbone.model(batch["input_ids"], batch["within_seq_position_ids"], batch["global_position_ids"], batch["sequence_ids"])
         binding = self.heads[ion](emb)
         mlm = None
-        if mlm_positions is not None and bool(mlm_positions.any()):
-            x = emb[mlm_positions]
+        if mlm_positions is not None:
+            flat = emb.flatten(0, 1)
+            x = flat[mlm_positions.flatten()] if mlm_positions.dtype == torch.bool else flat.index_select(0, mlm_positions)
             head_dtype = self.backbone.mlm_head[0].weight.dtype
             if not torch.is_autocast_enabled(x.device.type) and x.dtype != head_dtype:
                 x = x.to(head_dtype)  # a trainable (float32) mlm_head on a bf16 base, outside autocast
@@ -89,22 +91,27 @@ def loss_sums(out: BindingOutput, batch: dict, pos_weight: float = 1.0, focal_ga
 
 
 def _loss_sums(out: BindingOutput, batch: dict, pos_weight: float, focal_gamma: float) -> LossTerms:
+    # Every position is computed and the mask multiplies: boolean indexing would be a host sync on a GPU.
     mask = batch["binding_mask"]
-    logits = out.binding_logits[mask].float()
-    target = batch["binding_labels"][mask].float()
-    pw = torch.tensor(pos_weight, dtype=torch.float32, device=logits.device)
-    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw, reduction="none")
+    logits = out.binding_logits.float()
+    target = batch["binding_labels"].float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=logits.new_tensor(pos_weight), reduction="none")
     if focal_gamma > 0:
         p = torch.sigmoid(logits)
         p_t = p * target + (1 - p) * (1 - target)
         bce = bce * (1 - p_t).pow(focal_gamma)
+    bce_sum = torch.where(mask, bce, 0.0).sum()
     labels = batch["mlm_labels"]
-    mlm_targets = labels[labels != -100]
-    if out.mlm_logits is not None and len(mlm_targets):
-        mlm = F.cross_entropy(out.mlm_logits.float(), mlm_targets, reduction="sum")
+    # collate's counts and indices were made on the CPU; a hand-made batch without them is counted here.
+    num_mlm = batch["num_mlm"] if "num_mlm" in batch else int((labels != -100).sum())
+    num_binding = batch["num_binding"] if "num_binding" in batch else int(mask.sum())
+    if out.mlm_logits is not None and num_mlm:
+        idx = batch.get("mlm_index")
+        targets = labels.flatten().index_select(0, idx) if idx is not None else labels[labels != -100]
+        mlm = F.cross_entropy(out.mlm_logits.float(), targets, reduction="sum")
     else:
         mlm = out.binding_logits.new_zeros(())  # no masked token: zero, never NaN
-    return LossTerms(bce.sum(), mlm, int(mask.sum()), int(len(mlm_targets)))
+    return LossTerms(bce_sum, mlm, num_binding, num_mlm)
 
 
 def joint_loss(terms: LossTerms, bce_tokens: int, mlm_tokens: int, mlm_weight: float) -> torch.Tensor:

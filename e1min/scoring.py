@@ -48,7 +48,12 @@ def _precision(value: bool | str) -> str:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors of ``batch`` on ``device``; to a GPU through pinned memory, so the copies do not block the host."""
+    if device.type != "cuda":
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {
+        k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) and v.device.type == "cpu" else v for k, v in batch.items()
+    }
 
 
 def iter_scored(
@@ -69,10 +74,10 @@ def iter_scored(
     model.eval()
     try:
         for idx, batch in _inference_batches(examples, device, max_tokens, precision):
-            probs = torch.sigmoid(model(batch, ion).binding_logits.float())
-            qmask = batch["query_residue_mask"]
+            probs = torch.sigmoid(model(batch, ion).binding_logits.float()).cpu()  # one copy to the host per batch
+            qmask = batch["query_residue_mask"].cpu()
             for row, i in enumerate(idx):
-                yield i, probs[row][qmask[row]].cpu().numpy()
+                yield i, probs[row][qmask[row]].numpy()
     finally:
         model.train(was_training)
 
@@ -138,6 +143,6 @@ def iter_embedded(
     """(example index, final-norm hidden states of its query residues, float32 on CPU) in token-budget batches."""
     for idx, batch in _inference_batches(examples, device, max_tokens, precision):
         emb = backbone.model(batch["input_ids"], batch["within_seq_position_ids"], batch["global_position_ids"], batch["sequence_ids"])
-        q = batch["query_residue_mask"]
+        emb, q = emb.float().cpu(), batch["query_residue_mask"].cpu()  # one copy to the host per batch
         for row, i in enumerate(idx):
-            yield i, emb[row][q[row]].float().cpu()
+            yield i, emb[row][q[row]]

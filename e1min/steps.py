@@ -70,7 +70,8 @@ def backward_window(
     local = [sum(int(b["binding_mask"].sum()) for b, _ in real), sum(int((b["mlm_labels"] != -100).sum()) for b, _ in real)]
     bce_tokens, mlm_tokens = ctx.sum_ints(local, "token_counts")
     ions = model.ions
-    stats = torch.zeros(len(ions), 4, dtype=torch.float64, device=ctx.device)
+    sums = torch.zeros(len(ions), 2, dtype=torch.float64, device=ctx.device)  # BCE, MLM sums (on the device)
+    counts = torch.zeros(len(ions), 2, dtype=torch.float64)  # their token counts (Python ints from the CPU batch)
     seeds = list(seeds) if seeds is not None else [None] * len(batches)
     for item, seed in zip(batches, seeds):
         if item is None:
@@ -78,23 +79,20 @@ def backward_window(
         batch, ion = item
         if seed is not None:
             torch.manual_seed(seed)
+        if "mlm_index" not in batch:
+            batch = {**batch, "mlm_index": (batch["mlm_labels"].flatten() != -100).nonzero().squeeze(1)}
         batch = to_device(batch, ctx.device)
-        mlm_pos = batch["mlm_labels"] != -100 if spec.use_mlm else None
+        mlm_pos = batch["mlm_index"] if spec.use_mlm and batch.get("num_mlm", 1) else None
         with autocast(ctx.device, precision):
             out = model(batch, ion, mlm_pos)
         terms = loss_sums(out, batch, spec.pos_weight.get(ion, 1.0), spec.focal_gamma)
         loss = joint_loss(terms, bce_tokens, mlm_tokens, spec.mlm_weight)
         loss.backward()
         i = ions.index(ion)
-        stats[i] += torch.stack(
-            [
-                terms.bce_sum.detach().double(),
-                torch.tensor(float(terms.bce_tokens), device=ctx.device, dtype=torch.float64),
-                terms.mlm_sum.detach().double(),
-                torch.tensor(float(terms.mlm_tokens), device=ctx.device, dtype=torch.float64),
-            ]
-        )
-    return stats.cpu()
+        sums[i] += torch.stack([terms.bce_sum.detach(), terms.mlm_sum.detach()]).double()
+        counts[i] += torch.tensor([terms.bce_tokens, terms.mlm_tokens], dtype=torch.float64)
+    # One device-to-host copy per optimiser step.
+    return torch.stack([sums[:, 0].cpu(), counts[:, 0], sums[:, 1].cpu(), counts[:, 1]], dim=1)
 
 
 def optimizer_step(

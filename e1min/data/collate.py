@@ -106,6 +106,10 @@ def collate(
         binding_labels=binding_labels,
         binding_mask=binding_mask,
         mlm_labels=mlm_labels,
+        # Counted and indexed here, on the CPU: on a GPU, boolean indexing and .sum() of device tensors are host syncs.
+        mlm_index=(mlm_labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1),
+        num_binding=int(binding_mask.sum()),
+        num_mlm=int((mlm_labels != IGNORE_INDEX).sum()),
         ion=examples[0].ion,
         protein_ids=[ex.protein_id for ex in examples],
     )
