@@ -122,9 +122,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def describe(device: torch.device, precision: str) -> dict[str, str]:
-    """What ran, for checkpoint.json / evaluation.json / log lines."""
-    return {"precision": str(precision), "device": str(device), "matmul_precision": torch.get_float32_matmul_precision()}
+def describe(device: torch.device, precision: str) -> dict[str, str | float]:
+    """What ran, for checkpoint.json / evaluation.json / log lines; on CUDA also the GPU and its peak memory so far."""
+    out: dict[str, str | float] = {"precision": str(precision), "device": str(device), "matmul_precision": torch.get_float32_matmul_precision()}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["peak_gpu_memory_gb"] = round(peak_gpu_memory_gb(device), 3)
+        out["torch"] = torch.__version__
+        out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def peak_gpu_memory_gb(device: torch.device) -> float:
+    """Peak memory allocated by torch on a CUDA device since the last reset (0 elsewhere), in GB."""
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
 
 
 def _note_once(key: str, message: str) -> None:

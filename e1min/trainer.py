@@ -36,7 +36,7 @@ from e1min.lora import apply_lora
 from e1min.recipe import Recipe
 from e1min.report import write_oof, write_plots
 from e1min.run import FoldState, RunDir, RunStateError
-from e1min.runtime import describe, training_precision
+from e1min.runtime import describe, peak_gpu_memory_gb, training_precision
 from e1min.scoring import score_records
 from e1min.steps import LossSpec, backward_window, build_optimizer, lr_at, optimizer_step, trainable  # noqa: F401 (re-exported)
 from e1min.stop import GracefulStop, StopRequested
@@ -246,11 +246,14 @@ class FoldTrainer:
             if self.stop_agreed():
                 self.stop_mid_epoch(epoch, w + 1, n_windows, stats, tokens, time.time() - t0)
         ctx.all_reduce(stats, "sum", "train_loss_stats")
+        seconds = time.time() - t0
         return {
+            "tokens_per_s": tokens * ctx.world_size / max(seconds, 1e-9),
+            "peak_gpu_memory_gb": peak_gpu_memory_gb(ctx.device),
             "train_bce": {ion: float(stats[i, 0] / max(1.0, float(stats[i, 1]))) for i, ion in enumerate(self.ions)},
             "train_mlm": float(stats[:, 2].sum() / max(1.0, float(stats[:, 3].sum()))),
             "padding_fraction": plan_padding(plan),
-            "seconds": time.time() - t0,
+            "seconds": seconds,
             "comm_bytes_per_step": self.comm_bytes,
         }
 
@@ -351,7 +354,7 @@ class FoldTrainer:
         if self.ctx.is_main:
             summary = " ".join(f"{ion} auprc {m['auprc']:.3f} hra {m['hra']:.3f}" for ion, m in per_ion.items())
             log.info(
-                "fold %d epoch %d: %s | mean %s %.4f%s | padding %.1f%% | %.0fs (F1/MCC at a threshold fitted on this fold are optimistic)",
+                "fold %d epoch %d: %s | mean %s %.4f%s | padding %.1f%% | %.0fs, %.0f tok/s%s (F1/MCC at a threshold fitted on this fold are optimistic)",
                 self.fold + 1,
                 epoch + 1,
                 summary,
@@ -360,6 +363,8 @@ class FoldTrainer:
                 " *best*" if improved else "",
                 100 * train_stats["padding_fraction"],
                 train_stats["seconds"],
+                train_stats["tokens_per_s"],
+                f", peak GPU memory {train_stats['peak_gpu_memory_gb']:.1f} GB" if self.ctx.device.type == "cuda" else "",
             )
             meta = self.meta(per_ion)
             if improved:

@@ -220,3 +220,14 @@ def test_checkpointed_forward_releases_memory_after_each_layer(tiny_model, monke
     with torch.no_grad():
         tiny_model(**batch)
     assert len(calls) == len(tiny_model.model.layers)
+
+
+def test_describe_records_the_gpu_and_its_peak_memory(monkeypatch):
+    from e1min.runtime import describe
+
+    cpu = describe(torch.device("cpu"), "float32")
+    assert cpu == {"precision": "float32", "device": "cpu", "matmul_precision": torch.get_float32_matmul_precision()}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 12_345_678_901)
+    gpu = describe(torch.device("cuda:0"), "bf16")
+    assert gpu["gpu"] == "NVIDIA H100 80GB HBM3" and gpu["peak_gpu_memory_gb"] == 12.346 and gpu["device"] == "cuda:0"
