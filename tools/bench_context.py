@@ -36,7 +36,7 @@ from benchlib import (  # noqa: E402
     machine_line,
     measure_peaks,
     median,
-    peak_rss_mb,
+    peak_memory_mb,
     print_table,
     run_child,
     timed_steps,
@@ -69,34 +69,37 @@ def child(s: dict) -> dict:
     from e1min.heads import BindingModel
     from e1min.lora import apply_lora
     from e1min.random_checkpoint import random_model
+    from e1min.runtime import autocast
     from e1min.train import LossSpec, backward_window, build_optimizer, optimizer_step
 
     torch.manual_seed(0)
+    device = torch.device(s.get("device", "cpu"))
     config = preset(s["preset"])
     bf16 = s.get("precision", "float32") == "bf16"
-    backbone = random_model(config, seed=0, dtype=torch.bfloat16 if bf16 else torch.float32)
+    backbone = random_model(config, seed=0, dtype=torch.bfloat16 if bf16 else torch.float32).to(device)
     backbone.set_attn_impl(s["impl"])
     backbone.set_gradient_checkpointing(s.get("ckpt", False))
     batch = collate(make_examples(s["context"]), masking=MaskingConfig(0.15), seed=0, epoch=0)
     tokens = int((batch["sequence_ids"] >= 0).sum())
-    pairs = attention_pairs(backbone, batch["sequence_ids"])
+    pairs = attention_pairs(backbone, batch["sequence_ids"].to(device))
+    precision = "bf16" if bf16 else "float32"
     if s["mode"] == "forward":
-        ids = {k: batch[k] for k in ("input_ids", "within_seq_position_ids", "global_position_ids", "sequence_ids")}
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            times = timed_steps(lambda: backbone(**ids), s["steps"], s["warmup"])
+        ids = {k: batch[k].to(device) for k in ("input_ids", "within_seq_position_ids", "global_position_ids", "sequence_ids")}
+        with torch.inference_mode(), autocast(device, precision):
+            times = timed_steps(lambda: backbone(**ids), s["steps"], s["warmup"], device)
         flops = forward_flops(config, tokens, pairs)
     else:
         apply_lora(backbone, r=16, alpha=32, dropout=0.2)
-        model = BindingModel(backbone, ["ZN"], head_dropout=0.3).train()
+        model = BindingModel(backbone, ["ZN"], head_dropout=0.3).to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = build_optimizer(model, 1e-4, 0.035)
-        ctx = DistContext()
+        ctx = DistContext(device=device)
 
         def step():
-            backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), bf16=bf16)
+            backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), precision)
             optimizer_step(params, opt, ctx, 1.0, 1e-4)
 
-        times = timed_steps(step, s["steps"], s["warmup"])
+        times = timed_steps(step, s["steps"], s["warmup"], device)
         flops = lora_step_flops(config, tokens, pairs, lora_params(backbone), int((batch["mlm_labels"] != -100).sum()))
     sec = median(times)
     return {
@@ -108,7 +111,7 @@ def child(s: dict) -> dict:
         "times": times,
         "tok_s": tokens / sec,
         "mfu": 100 * flops / sec / (s["peak"] * 1e9),
-        "rss_mb": peak_rss_mb(),
+        "rss_mb": peak_memory_mb(device),
         "load": os.getloadavg()[0],
     }
 
@@ -155,7 +158,8 @@ def main() -> None:
         choices=["float32", "bf16"],
         help="default: float32, plus bf16 where the CPU has native bf16 (emulated bf16 rows take hours)",
     )
-    p.add_argument("--impls", nargs="+", default=["structured", "dense"], choices=["structured", "dense"])
+    p.add_argument("--impls", nargs="+", default=["structured", "dense"], choices=["structured", "flex", "dense"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (structured = FlexAttention there)")
     p.add_argument("--no-baseline", action="store_true", help="skip the 2 x 300 no-context rows (context 0)")
     p.add_argument("--modes", nargs="+", default=["train", "forward"], choices=["train", "forward"])
     p.add_argument("--forward-contexts", type=int, nargs="+", default=None, help="context sizes of forward rows (default: --contexts)")
@@ -168,10 +172,11 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return
-    peaks = measure_peaks()
+    peaks = measure_peaks(a.device)
     precisions = a.precisions or (["float32", "bf16"] if default_bf16_rows() else ["float32"])
     print(
-        f"bench_context: {a.preset}, {' and '.join(precisions)}, query {QUERY_LENGTH} + context rows of 110-150 residues; {machine_line(peaks)}"
+        f"bench_context: {a.preset}, {' and '.join(precisions)}, query {QUERY_LENGTH} + context rows of 110-150 residues; "
+        f"{machine_line(peaks, a.device)}{'; memory column: peak GPU memory (MB)' if a.device != 'cpu' else ''}"
     )
     if a.precisions is None and not default_bf16_rows():
         print("bf16 rows skipped: this CPU has no native bf16 (emulated bf16 matmuls run at ~1% of float32)")
@@ -213,6 +218,7 @@ def main() -> None:
                 **setting,
                 "malloc": malloc,
                 "preset": a.preset,
+                "device": a.device,
                 "warmup": a.warmup,
                 "peak": peaks["bfloat16" if setting["precision"] == "bf16" else "float32"],
                 "steps": a.long_steps if setting["context"] >= a.long_context else a.steps,

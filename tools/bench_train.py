@@ -25,7 +25,7 @@ from benchlib import (  # noqa: E402
     lora_step_flops,
     machine_line,
     measure_peaks,
-    peak_rss_mb,
+    peak_memory_mb,
     print_table,
     run_child,
     timed,
@@ -57,12 +57,13 @@ def child(s: dict) -> dict:
     from e1min.train import LossSpec, backward_window, build_optimizer, optimizer_step
 
     torch.manual_seed(0)
+    device = torch.device(s.get("device", "cpu"))
     base_dtype = torch.bfloat16 if s["precision"] == "bf16-base+autocast" else torch.float32
     config = preset(s["preset"])
     backbone = random_model(config, seed=0, dtype=base_dtype)
     apply_lora(backbone, r=16, alpha=32)
     backbone.set_gradient_checkpointing(s["ckpt"])
-    model = BindingModel(backbone, ["ZN"], head_dropout=0.3).train()
+    model = BindingModel(backbone, ["ZN"], head_dropout=0.3).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, 1e-4, 0.035)
     rng = np.random.default_rng(0)
@@ -77,17 +78,21 @@ def child(s: dict) -> dict:
     ]
     batch = collate(examples, masking=MaskingConfig(0.15), seed=0, epoch=0)
     tokens = int((batch["sequence_ids"] >= 0).sum())
-    ctx = DistContext()
-    bf16 = s["precision"] != "float32"
+    ctx = DistContext(device=device)
+    precision = "float32" if s["precision"] == "float32" else "bf16"
 
     def step():
-        backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), bf16=bf16)
+        backward_window(model, [(batch, "ZN")], ctx, LossSpec({"ZN": 5.0}, 1.0), precision)
         optimizer_step(params, opt, ctx, 1.0, 1e-4)
 
-    sec = timed(step, s["steps"], s.get("warmup", 1))
+    sec = timed(step, s["steps"], s.get("warmup", 1), device)
     # Model FLOPs only: activation checkpointing's recomputed forward is not counted (it lowers MFU, as it should).
     flops = lora_step_flops(
-        config, tokens, attention_pairs(backbone, batch["sequence_ids"]), lora_params(backbone), int((batch["mlm_labels"] != -100).sum())
+        config,
+        tokens,
+        attention_pairs(backbone, batch["sequence_ids"].to(device)),
+        lora_params(backbone),
+        int((batch["mlm_labels"] != -100).sum()),
     )
     peak = s["peaks"]["float32" if s["precision"] == "float32" else "bfloat16"]
     return {
@@ -96,7 +101,7 @@ def child(s: dict) -> dict:
         "tok_s": tokens / sec,
         "prot_s": s["batch"] / sec,
         "s_step": sec,
-        "rss_mb": peak_rss_mb(),
+        "rss_mb": peak_memory_mb(device),
         "mfu": 100 * flops / sec / (peak * 1e9),
         "load": os.getloadavg()[0],
     }
@@ -109,13 +114,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="only the rows of these lengths")
     p.add_argument("--bf16", action="store_true", help="also the bf16 rows on a CPU without native bf16 (very slow)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the memory column is then peak GPU memory)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return
-    peaks = measure_peaks()
-    print(f"bench_train: {a.preset} + LoRA r=16 (7 targets) + ion head, joint BCE+MLM, AdamW; {machine_line(peaks)}")
+    peaks = measure_peaks(a.device)
+    print(f"bench_train: {a.preset} + LoRA r=16 (7 targets) + ion head, joint BCE+MLM, AdamW; {machine_line(peaks, a.device)}")
     print(
         "MFU: step model FLOPs (4 x frozen matmul weights x tokens + 6 x LoRA weights x tokens + MLM head on masked "
         "tokens + 3 x attention) / time / the precision's measured matmul peak"
@@ -128,7 +134,9 @@ def main() -> None:
     print(f"steps: median of {a.steps} timed step(s) after {a.warmup} warm-up step(s); LoRA dropout 0 (apply_lora default)")
     rows = []
     for s in settings:
-        rows.append(run_child(__file__, {**s, "preset": a.preset, "steps": a.steps, "warmup": a.warmup, "peaks": peaks}))
+        rows.append(
+            run_child(__file__, {**s, "preset": a.preset, "device": a.device, "steps": a.steps, "warmup": a.warmup, "peaks": peaks})
+        )
         print(f"  done: {rows[-1]}", file=sys.stderr, flush=True)
     print_table(
         rows,

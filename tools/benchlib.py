@@ -32,14 +32,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed_steps(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of ``repeats`` runs of ``fn`` after ``warmup`` untimed runs."""
+def sync(device: str | torch.device = "cpu") -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously; a timer must not stop before them)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str | torch.device = "cpu") -> list[float]:
+    """Seconds of each of ``repeats`` runs of ``fn`` after ``warmup`` untimed runs (synchronised on CUDA)."""
     for _ in range(warmup):
         fn()
+    sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -49,9 +57,15 @@ def median(xs: Sequence[float]) -> float:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str | torch.device = "cpu") -> float:
     """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    return median(timed_steps(fn, repeats, warmup))
+    return median(timed_steps(fn, repeats, warmup, device))
+
+
+def peak_memory_mb(device: str | torch.device = "cpu") -> float:
+    """Peak GPU memory allocated by torch (CUDA) or this process's peak RSS (CPU), in MB."""
+    device = torch.device(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
 
 
 def _cpu_jiffies() -> tuple[int, int]:
@@ -144,7 +158,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
     return 2 * n**3 / timed(lambda: a @ b, repeats) / 1e9
 
 
-def matmul_peak_gflops(dtype: torch.dtype, repeats: int = 10) -> float:
+def matmul_peak_gflops(dtype: torch.dtype, repeats: int = 10, device: str | torch.device = "cpu") -> float:
     """The best matmul GFLOP/s in ``dtype`` over square and transformer-shaped (tokens x 768 x 2304) products.
 
     The MFU denominator: measured in the same run as the rows it divides, not taken from a datasheet.
@@ -152,15 +166,20 @@ def matmul_peak_gflops(dtype: torch.dtype, repeats: int = 10) -> float:
     median over a few calls is pulled down by any other process that runs at the same moment.
     Emulated bf16 (no native support) is probed on a small shape only: it is ~100x slower.
     """
-    fast = dtype == torch.float32 or _cpu_has_native_bf16()
+    cuda = torch.device(device).type == "cuda"
+    fast = cuda or dtype == torch.float32 or _cpu_has_native_bf16()
     shapes = [(1024, 1024, 1024), (2048, 2048, 2048), (2048, 768, 2304), (2048, 2304, 768)] if fast else [(256, 256, 256)]
+    if cuda:
+        shapes = [(8192, 8192, 8192), (8192, 1280, 3840), (8192, 3840, 1280)]
     best = 0.0
     for m, k, n in shapes:
-        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
         a @ b
+        sync(device)
         for _ in range(repeats if fast else 3):
             t0 = time.perf_counter()
             a @ b
+            sync(device)
             best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -185,15 +204,22 @@ def cpu_model() -> str:
         return "unknown CPU"
 
 
-def measure_peaks() -> dict[str, float]:
+def measure_peaks(device: str | torch.device = "cpu") -> dict[str, float]:
     """Matmul peaks (GFLOP/s) per precision, measured now on a quiet machine (bf16: small probe unless native)."""
-    wait_for_quiet(timeout=30)
-    return {"float32": matmul_peak_gflops(torch.float32), "bfloat16": matmul_peak_gflops(torch.bfloat16)}
+    if torch.device(device).type == "cpu":
+        wait_for_quiet(timeout=30)
+    return {"float32": matmul_peak_gflops(torch.float32, device=device), "bfloat16": matmul_peak_gflops(torch.bfloat16, device=device)}
 
 
-def machine_line(peaks: dict[str, float] | None = None) -> str:
-    """CPU, flags, threads, torch, and the measured matmul peaks (pass ``peaks`` to reuse a measurement)."""
-    peaks = peaks or measure_peaks()
+def machine_line(peaks: dict[str, float] | None = None, device: str | torch.device = "cpu") -> str:
+    """CPU (or GPU), flags, threads, torch, and the measured matmul peaks (pass ``peaks`` to reuse a measurement)."""
+    peaks = peaks or measure_peaks(device)
+    if torch.device(device).type == "cuda":
+        return (
+            f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}, float32 matmul "
+            f"precision {torch.get_float32_matmul_precision()}; measured matmul peak GFLOP/s: float32 {peaks['float32']:.0f}, "
+            f"bfloat16 {peaks['bfloat16']:.0f}"
+        )
     return (
         f"{cpu_model()} [{cpu_flags()}], {torch.get_num_threads()} threads, torch {torch.__version__} "
         f"({torch.backends.cpu.get_cpu_capability()}), native bf16: {_cpu_has_native_bf16()}; measured matmul peak "
@@ -233,11 +259,16 @@ def lora_params(model: torch.nn.Module) -> int:
 
 def attention_pairs(model, sequence_ids: torch.Tensor) -> int:
     """(query, key) pairs the model's attention path computes for this batch, summed over layers."""
-    from e1min.attention import BlockRanges, layer_masks
+    from e1min.attention import BlockRanges, layer_masks, sequence_spans
 
     backbone = model.model if hasattr(model, "model") else model
-    within, glob = layer_masks(sequence_ids, backbone.attn_impl)
+    within, glob = layer_masks(sequence_ids.cpu(), backbone.attn_impl if backbone.attn_impl != "flex" else "structured")
     b, n = sequence_ids.shape
+    if backbone.attn_impl == "flex" or (backbone.attn_impl == "structured" and sequence_ids.device.type == "cuda"):
+        # FlexAttention skips masked tiles: count the pairs E1's masks allow (its partial tiles' waste is not model work).
+        spans = sequence_spans(sequence_ids.cpu()) or []
+        w, g = sum((e - s) ** 2 for _, s, e in spans), sum((e - s) * e for _, s, e in spans)
+        return sum(g if layer.is_global else w for layer in backbone.layers)
 
     def pairs(mask) -> int:
         if isinstance(mask, BlockRanges):
