@@ -71,7 +71,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _reason(e: OSError) -> str:
-    return e.strerror or type(e).__name__
+    return e.strerror or str(e) or type(e).__name__
 
 
 def make_output_dir(path: str | os.PathLike, what: str) -> Path:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from e1min.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterError, load_adapter, save_adapter
 from e1min.hub import load_model
+from e1min.io import OutputError
 from e1min.lora import apply_lora, lora_modules, merge_lora
 from e1min.random_checkpoint import random_model
 from e1min.tokenizer import prepare_batch
@@ -259,11 +260,11 @@ def test_save_errors_and_atomic_write(tmp_path, tiny_config, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="adapter_model.safetensors: cannot write \\(disk full\\); the previous file"):
         save_adapter(_trained(tiny_config, seed=2), d)
     assert sorted(os.listdir(d)) == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]  # no temporary left over
     assert (d / ADAPTER_WEIGHTS_NAME).read_bytes() == good  # previous adapter intact
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError):
         save_adapter(model, tmp_path / "fresh")
     assert os.listdir(tmp_path / "fresh") == []
 

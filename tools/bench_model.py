@@ -21,7 +21,7 @@ from benchlib import (  # noqa: E402
     forward_flops,
     machine_line,
     measure_peaks,
-    peak_rss_mb,
+    peak_memory_mb,
     print_table,
     run_child,
     timed,
@@ -42,20 +42,21 @@ def child(s: dict) -> dict:
 
     torch.manual_seed(0)
     config = preset(s["preset"])
-    model = random_model(config, seed=0, dtype=getattr(torch, s["dtype"]))
+    device = torch.device(s.get("device", "cpu"))
+    model = random_model(config, seed=0, dtype=getattr(torch, s["dtype"])).to(device)
     seq = "".join("ACDEFGHIKLMNPQRSTVWY"[i % 20] for i in range(s["length"]))
     row = ",".join([seq] * (s["context"] + 1))
-    batch = prepare_batch([row] * s["batch"])
+    batch = {k: v.to(device) for k, v in prepare_batch([row] * s["batch"]).items()}
     tokens = int((batch["sequence_ids"] >= 0).sum())
     with torch.inference_mode():
-        sec = timed(lambda: model(**batch), s["repeats"])
+        sec = timed(lambda: model(**batch), s["repeats"], device=device)
     flops = forward_flops(config, tokens, attention_pairs(model, batch["sequence_ids"]))
     return {
         **s,
         "tokens": tokens,
         "tok_s": tokens / sec,
         "ms": sec * 1000,
-        "rss_mb": peak_rss_mb(),
+        "rss_mb": peak_memory_mb(device),
         "mfu": 100 * flops / sec / (s["peak"] * 1e9),
     }
 
@@ -65,17 +66,20 @@ def main() -> None:
     p.add_argument("--preset", default="e1-150m")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", nargs="+", default=None, help="default: float32, plus bfloat16 where the CPU has native bf16")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the memory column is then peak GPU memory)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return
     dtypes = a.dtypes or (["float32", "bfloat16"] if default_bf16_rows() else ["float32"])
-    peaks = measure_peaks()
-    print(f"bench_model: {a.preset} forward (inference_mode), {machine_line(peaks)}")
+    peaks = measure_peaks(a.device)
+    print(f"bench_model: {a.preset} forward (inference_mode), {machine_line(peaks, a.device)}")
     print("MFU: model FLOPs (2 x matmul weights x real tokens + attention pairs computed) / time / the dtype's measured matmul peak")
     rows = [
-        run_child(__file__, {**s, "dtype": d, "preset": a.preset, "repeats": a.repeats, "peak": peaks[d]}) for d in dtypes for s in SETTINGS
+        run_child(__file__, {**s, "dtype": d, "preset": a.preset, "device": a.device, "repeats": a.repeats, "peak": peaks[d]})
+        for d in dtypes
+        for s in SETTINGS
     ]
     print_table(
         rows,
