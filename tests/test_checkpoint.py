@@ -53,11 +53,11 @@ def _meta(model: BindingModel) -> dict:
         "base_model": "tiny-e1",
         "base_revision": None,
         "base_config": model.backbone.config.to_dict(),
-        "lora": {
-            "r": 2,
-            "alpha": 4,
-            "lora_dropout": 0.0,
-            "target_modules": ["q_proj"],
+        "lora": {  # what the model's LoRA is (checkpoint.check_adapter_agrees compares it with adapter_config.json)
+            "r": model.backbone.lora_config.r,
+            "alpha": model.backbone.lora_config.alpha,
+            "lora_dropout": model.backbone.lora_config.dropout,
+            "target_modules": list(model.backbone.lora_config.target_modules),
             "train_mlm_head": False,
             "use_rslora": False,
             "layers": None,

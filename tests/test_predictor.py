@@ -189,6 +189,11 @@ def test_adapter_weights_that_do_not_fit(run_dir, tmp_path):
     cfg = json.loads((fold / "adapter_config.json").read_text())
     cfg["r"] = 8  # the saved tensors have rank 4
     (fold / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RunCheckpointError, match="adapter_config.json and checkpoint.json disagree: r 8 in adapter_config.json, lora.r 4"):
+        load_checkpoint(fold)
+    meta = json.loads((fold / "checkpoint.json").read_text())
+    meta["lora"]["r"] = 8  # both files agree on a rank the tensors do not have
+    (fold / "checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(AdapterError, match="wrong shapes"):
         load_checkpoint(fold)
 
