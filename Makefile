@@ -8,13 +8,14 @@
 # Which torch:
 #   TORCH_SPEC=torch==2.13.0   (default) the CPU wheel these machines carry, in .venv
 #   TORCH_SPEC=                use the torch $(PYTHON) already has (a GPU box, a cluster module, a conda env, a
-#                              container): .venv sees the system site-packages, and torch is pinned to the version
+#                              container): .venv-system sees the system site-packages, and torch is pinned to the version
 #                              found, so pip can never replace it (an incompatible one is an error, not a download)
 #   VENV=                      no virtualenv at all: install e1min (editable) into $(PYTHON)'s environment, same pin
 
 PYTHON     ?= python3
-VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Separate virtualenvs for the two torch modes, so one never silently reuses the other's torch.
+VENV       ?= $(if $(TORCH_SPEC),.venv,.venv-system)
 EXTRAS     ?= test,plot
 NGPU       ?= 1
 CONFIG     ?= configs/demo.yaml
@@ -88,4 +89,4 @@ bench: $(STAMP) $(DEMO_DIR)/.done
 	$(PY) tools/bench_msa.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) results/demo .pytest_cache .e1min-installed .torch-pin.txt
+	rm -rf $(VENV) .venv-system $(DEMO_DIR) results/demo .pytest_cache .e1min-installed .torch-pin.txt

@@ -190,7 +190,8 @@ class _BlockAttention(torch.autograd.Function):
 FLEX_BLOCK = 128
 # Dynamic shapes keep this to a few graphs (B = 1 vs B > 1, grad vs no grad); a run that still exceeds it
 # raises instead of silently falling back to unfused flex, which materialises the L x L scores.
-FLEX_RECOMPILE_LIMIT = 16
+FLEX_RECOMPILE_LIMIT = 64
+FLEX_GRAPHS_EXPECTED = 8  # B = 1 or more, one query tile or more, grad or not: more is logged once
 
 
 def _flex_mask_mod(padded_ids: torch.Tensor, is_global: torch.Tensor):
@@ -237,7 +238,8 @@ def flex_block_masks(sequence_ids: torch.Tensor, min_batch: int = 1) -> tuple["B
     global_full = every[q] & every[k] & (hi[k] <= lo[q])
     masks = []
     for any_, full, is_global in ((within_any, within_full, False), (global_any, global_full, True)):
-        flag = torch.tensor(is_global, device=sequence_ids.device)
+        # A fill, not a host-to-device copy (which would wait for the GPU's queue).
+        flag = torch.full((), is_global, dtype=torch.bool, device=sequence_ids.device)
         masks.append(
             BlockMask.from_kv_blocks(
                 *_tile_lists(any_ & ~full),
@@ -289,7 +291,16 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "BlockMask") 
                 f"unfused flex (it materialises the L x L scores): {str(e).splitlines()[0]}"
             ) from e
         raise
+    global _warned_graphs
+    if not _warned_graphs and flex_graph_count() > FLEX_GRAPHS_EXPECTED:
+        _warned_graphs = True
+        log.warning(
+            "FlexAttention: %d compiled graphs (more than the %d expected); recompiles cost time", flex_graph_count(), FLEX_GRAPHS_EXPECTED
+        )
     return out[:b]
+
+
+_warned_graphs = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,8 +325,7 @@ def layer_masks(sequence_ids: torch.Tensor, impl: str = "structured"):
     if impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
     device = sequence_ids.device
-    valid = sequence_ids >= 0
-    if bool(valid.all()) and bool((sequence_ids == 0).all()):
+    if not bool((sequence_ids != 0).any()):  # one host sync per forward (not per layer)
         return None, None  # every row one unpadded sequence
     if impl == "structured" and device.type == "cpu" and _FLASH_CPU is not None:
         ranges = structured_ranges(sequence_ids)

@@ -19,6 +19,7 @@ from e1min.data.fasta import DataError, Record
 from e1min.data.folds import assign_folds, check_assignment, load_folds, save_folds
 from e1min.data.msa import ContextProvider
 from e1min.dist import DistContext, init_distributed
+from e1min.errors import E1minError
 from e1min.io import atomic_write_json, atomic_write_text
 from e1min.recipe import Recipe
 from e1min.report import report_run
@@ -168,8 +169,8 @@ def train_run(
                 try:
                     lock.acquire()
                     removed = remove_temporaries(out)
-                except RunLockError as e:
-                    error = e
+                except (E1minError, OSError) as e:  # every rank must hear of it, not wait in the next collective
+                    error = e if isinstance(e, E1minError) else RunLockError(f"{out}: {e}")
             if ctx.any(error is not None, "run_lock"):
                 raise error or RunLockError(f"{out}: rank 0 could not lock the run directory")
             setup_logging(out, ctx.is_main)
@@ -191,10 +192,13 @@ def train_run(
                 cfg.model.matmul_precision,
             )
             try:
-                return run_cross_validation(cfg, ctx, resume=resume, restart_folds=restart_folds, stop=stop)
+                summary = run_cross_validation(cfg, ctx, resume=resume, restart_folds=restart_folds, stop=stop)
             except StopRequested as e:
                 log.info("%s", e)
                 raise
+            if stop.requested:
+                log.info("%s arrived after the last training step: the run finished anyway", stop.name)
+            return summary
         finally:
             lock.release()
 

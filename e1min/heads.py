@@ -95,7 +95,8 @@ def _loss_sums(out: BindingOutput, batch: dict, pos_weight: float, focal_gamma: 
     mask = batch["binding_mask"]
     logits = out.binding_logits.float()
     target = batch["binding_labels"].float()
-    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=logits.new_tensor(pos_weight), reduction="none")
+    pw = torch.full((), pos_weight, dtype=torch.float32, device=logits.device)  # a fill: no host-to-device copy
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw, reduction="none")
     if focal_gamma > 0:
         p = torch.sigmoid(logits)
         p_t = p * target + (1 - p) * (1 - target)

@@ -124,7 +124,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def describe(device: torch.device, precision: str) -> dict[str, str | float]:
     """What ran, for checkpoint.json / evaluation.json / log lines; on CUDA also the GPU and its peak memory so far."""
-    out: dict[str, str | float] = {"precision": str(precision), "device": str(device), "matmul_precision": torch.get_float32_matmul_precision()}
+    out: dict[str, str | float] = {
+        "precision": str(precision),
+        "device": str(device),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+    }
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
         out["peak_gpu_memory_gb"] = round(peak_gpu_memory_gb(device), 3)

@@ -91,8 +91,8 @@ def backward_window(
         i = ions.index(ion)
         sums[i] += torch.stack([terms.bce_sum.detach(), terms.mlm_sum.detach()]).double()
         counts[i] += torch.tensor([terms.bce_tokens, terms.mlm_tokens], dtype=torch.float64)
-    # One device-to-host copy per optimiser step.
-    return torch.stack([sums[:, 0].cpu(), counts[:, 0], sums[:, 1].cpu(), counts[:, 1]], dim=1)
+    sums = sums.cpu()  # one device-to-host copy per optimiser step
+    return torch.stack([sums[:, 0], counts[:, 0], sums[:, 1], counts[:, 1]], dim=1)
 
 
 def optimizer_step(

@@ -2,7 +2,9 @@
 
 The first signal only raises a flag; the trainer, at its next optimiser-step boundary, agrees with the other
 ranks to stop, saves ``last/`` there and raises ``StopRequested``. A second signal ends the process at once
-(the kernel releases the run lock; ``--resume`` continues from the last saved state).
+(the kernel releases the run lock; ``--resume`` continues from the last saved state), unless it comes within
+``REPEAT_WINDOW_S`` of the first: under SLURM + torchrun a worker gets the scheduler's SIGTERM twice, from
+SLURM and forwarded by torchrun, milliseconds apart, and that is one request.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+REPEAT_WINDOW_S = 3.0
 
 
 class StopRequested(Exception):
@@ -36,6 +40,7 @@ class GracefulStop:
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signals = signals
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     @property
@@ -52,11 +57,13 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None:
+            if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+                return  # the same request delivered twice (scheduler and launcher)
             # Second signal: the default action now (terminate), without running Python cleanup.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         msg = f"e1min: {signal.Signals(signum).name} received: stopping after the current step (send it again to exit at once)\n"
         try:
             os.write(2, msg.encode())  # no logging inside a signal handler: it may interrupt a logging call

@@ -198,6 +198,8 @@ class FoldTrainer:
         mine = shard(plan, ctx.rank, ctx.world_size)
         n_windows = ctx.max_int(math.ceil(len(mine) / t.accum_steps), "steps_per_epoch")
         self.model.train()
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)  # the epoch's own peak
         stats = torch.zeros(len(self.ions), 4, dtype=torch.float64)  # per ion: bce sum, bce tokens, mlm sum, mlm tokens
         tokens, t0 = 0, time.time()
         start = self.state.window

@@ -24,6 +24,7 @@ def test_default_installs_the_cpu_wheel_in_a_venv():
 
 
 def test_empty_torch_spec_uses_and_pins_the_torch_already_there():
+    assert "--system-site-packages .venv-system" in planned("TORCH_SPEC=")  # never the CPU-wheel .venv
     plan = planned("TORCH_SPEC=", "VENV=/tmp/e1min-venv")
     assert "--system-site-packages /tmp/e1min-venv" in plan
     assert 'install --quiet "torch' not in plan and "-c .torch-pin.txt -e" in plan
