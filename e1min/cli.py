@@ -8,6 +8,7 @@
     e1min check-data  --config CONFIG
     e1min verify-lora
     e1min info        CHECKPOINT
+    e1min build-msa   --fasta proteins.fasta --db DB --out MSA_DIR [--ion ZN] [--threads N]
 
 Library modules never parse argv: each subcommand here has ``_add_<name>`` (its arguments) and
 ``_run_<name>`` (argument checks, then one library call). An ``E1minError`` (bad file, config,
@@ -400,6 +401,43 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ build-msa
+def _add_build_msa(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fasta", required=True, help="proteins to build A3Ms for (labelled or unlabelled FASTA)")
+    p.add_argument("--db", required=True, help="MMseqs2 database prefix (DB.dbtype) or a FASTA file (made into one)")
+    p.add_argument("--out", required=True, help="MSA directory: writes OUT/ION/id.a3m with --ion, else OUT/id.a3m")
+    p.add_argument("--ion", default=None, help="write into OUT/ION/ (e1min's layout for one ion)")
+    p.add_argument("--threads", type=int, default=1, help="mmseqs threads (default 1)")
+    p.add_argument("--sensitivity", type=float, default=None, help="mmseqs search -s (default: mmseqs's, 5.7)")
+    p.add_argument("--max-seqs", type=int, default=None, help="mmseqs search --max-seqs (default: mmseqs's, 300)")
+    p.add_argument("--evalue", type=float, default=None, help="mmseqs search -e (default: mmseqs's, 1e-3)")
+    p.add_argument("--chunk-size", type=int, default=1000, help="proteins per mmseqs search (progress and resume granularity)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild A3Ms that already exist (default: skip them)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _run_build_msa(args: argparse.Namespace) -> int:
+    """Exit 1 when some proteins failed (one line each), 0 otherwise."""
+    from e1min.data.build_msa import build_msas
+
+    def say(msg: str) -> None:
+        if not args.quiet or ": failed: " in msg:
+            print(msg, file=sys.stderr, flush=True)
+
+    res = build_msas(
+        args.fasta, args.db, args.out, args.ion, args.threads, args.sensitivity, args.max_seqs, args.evalue,
+        args.overwrite, args.chunk_size, progress=say,
+    )  # fmt: skip
+    depths = sorted(res.depth.values())
+    median = depths[len(depths) // 2] if depths else 0
+    print(
+        f"build-msa: wrote {len(res.written)} A3M(s) ({sum(1 for d in depths if d == 0)} query-only, median depth {median}), "
+        f"skipped {len(res.skipped)} existing, {len(res.failed)} failed",
+        file=sys.stderr,
+    )
+    return 1 if res.failed else 0
+
+
 # ------------------------------------------------------------------------------------ the command
 # name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -411,6 +449,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "check-data": ("validate every input a config names, print statistics", _add_check_data, _run_check_data),
     "verify-lora": ("unit-level LoRA checks (tiny random model by default)", _add_verify_lora, _run_verify_lora),
     "info": ("print a checkpoint's config, parameter count, dtype and layer types", _add_info, _run_info),
+    "build-msa": ("one A3M per protein, searched with MMseqs2 against a database", _add_build_msa, _run_build_msa),
 }
 DESCRIPTIONS = {
     "predict": "Per-residue metal-binding probabilities for every protein of a FASTA file. Output rows are in input order: "
