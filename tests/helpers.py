@@ -208,3 +208,24 @@ def toy_binding_model(tiny_model, ions=("ZN", "CA"), **lora):
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     return model
+
+
+def require_mmseqs():
+    """The real mmseqs (``e1min.data.mmseqs.find_mmseqs``): a missing one fails under CI=true, skips elsewhere."""
+    from e1min.data.mmseqs import MMseqsError, find_mmseqs
+
+    try:
+        return find_mmseqs()
+    except MMseqsError as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"MMseqs2 is required in CI: {e}")
+        pytest.skip(f"MMseqs2 not available: {e}")
+
+
+def homolog(rng: np.random.Generator, seq: str, identity: float, insert: str = "") -> str:
+    """An unaligned homolog of ``seq``: substitutions at rate 1 - identity, ``insert`` in the middle."""
+    row = np.array(list(seq))
+    sub = rng.random(len(row)) > identity
+    row[sub] = rng.choice(np.array(list(AA)), int(sub.sum()))
+    text = "".join(row)
+    return text[: len(text) // 2] + insert + text[len(text) // 2 :]

@@ -114,7 +114,9 @@ def build_msas(
     out_dir = msa_path(out, "x", ion).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     if result.skipped:
-        say(f"build-msa: {len(result.skipped)} of {len(records)} proteins already have an A3M in {out_dir} (skipped; --overwrite redoes them)")
+        say(
+            f"build-msa: {len(result.skipped)} of {len(records)} proteins already have an A3M in {out_dir} (skipped; --overwrite redoes them)"
+        )
     if not todo:
         return result
     start = time.monotonic()
