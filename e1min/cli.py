@@ -320,6 +320,7 @@ def _run_embed(args: argparse.Namespace) -> int:
 def _add_check_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (YAML)")
+    p.add_argument("--threads", type=int, default=1, help="mmseqs threads of the homology check (default 1)")
 
 
 def _run_check_data(args: argparse.Namespace) -> int:
@@ -334,7 +335,10 @@ def _run_check_data(args: argparse.Namespace) -> int:
         print(f"e1min check-data: {e}", file=sys.stderr)
         return 1
     d, t = recipe.data, recipe.training
-    report, problems = check_data(d.fasta_path, list(t.ions), d.fasta_pattern, d.msa_dir, t.num_folds, recipe.general.seed)
+    report, problems = check_data(
+        d.fasta_path, list(t.ions), d.fasta_pattern, d.msa_dir, t.num_folds, recipe.general.seed,
+        d.fold_grouping, d.split_min_seq_id, d.split_coverage, d.homology_report, args.threads,
+    )  # fmt: skip
     for n in notes:
         print(n)
     print(report)
