@@ -231,6 +231,14 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     _add_model_inputs(p)
     p.add_argument("--out-dir", default="evaluation", help="output directory (default ./evaluation)")
     p.add_argument("--min-recall", type=float, default=0.7, help="recall floor of the high-recall AUPRC (HRA)")
+    p.add_argument(
+        "--train-fasta",
+        nargs="+",
+        default=None,
+        metavar="FASTA",
+        help="training FASTA file(s): report test proteins with a training homolog (MMseqs2) at 30/50/90 %% identity",
+    )
+    p.add_argument("--threads", type=int, default=1, help="mmseqs threads of the --train-fasta check (default 1)")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -241,8 +249,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PredictError("evaluate runs in one process; launch it without torchrun")
     check_output_dir(args.out_dir, [args.fasta], EVALUATION_FILES)
+    train = _read_train_fasta(args.train_fasta) if args.train_fasta else None
     predictor, ions, provider, records, skipped = _load_for_prediction(args, require_labels=True)
     _print_setup(predictor, ions, records, skipped)
+    homology = None
+    if train is not None:
+        from e1min.data.homology import format_leakage, heldout_leakage
+
+        homology = heldout_leakage(records, train, threads=args.threads)
+        print(format_leakage(homology), file=sys.stderr)
     report = evaluate_records(
         predictor,
         records,
@@ -254,10 +269,26 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.seed,
         args.min_recall,
         progress=not args.quiet,
+        homology=homology,
     )
     print(evaluation_table(report["ions"]))
     print(f"wrote {Path(args.out_dir) / 'evaluation.json'}, evaluation.md, predictions.tsv and curves", file=sys.stderr)
     return 0
+
+
+def _read_train_fasta(paths: Sequence[str]) -> list:
+    """Training proteins of ``--train-fasta`` (one per id), after MMseqs2 is found: both before any model work."""
+    from e1min.data.fasta import DataError, read_fasta
+    from e1min.data.mmseqs import find_mmseqs
+
+    find_mmseqs()
+    by_id = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"--train-fasta {path}: file not found")
+        for r in read_fasta(path):
+            by_id.setdefault(r.id, r)
+    return list(by_id.values())
 
 
 def _add_embed(p: argparse.ArgumentParser) -> None:

@@ -92,7 +92,7 @@ def check_data(
                 for r in records:
                     sizes[assignment[r.id]] += 1
                 lines.append(f"{ion:<6} " + " ".join(f"{n:>6}" for n in sizes))
-        except (DataError, ValueError) as e:
+        except (DataError, ValueError, MMseqsError) as e:
             problems.append(f"folds: {e}")
             assignment = None
         if homology and assignment is not None:
