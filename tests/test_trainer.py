@@ -66,6 +66,10 @@ def test_end_to_end_output_tree_and_reload(tmp_path, tiny_checkpoint):
         assert (out / "plots/loss_fold_1_ZN.png").stat().st_size > 0 and (out / "plots/auprc_fold_1_CA.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"] == "config.yaml"
+    stats = json.loads((out / "data_stats.json").read_text())
+    if stats.get("homology") is not None:  # MMseqs2 installed (always in CI): the report reaches the summary
+        assert summary["homology"]["with_homolog"] == stats["homology"]["with_homolog"]
+        assert "homology across folds" in (out / "summary.md").read_text()
     for ion in ("ZN", "CA"):
         entry = summary["ions"][ion]
         assert 0 < entry["positive_rate"] < 1
