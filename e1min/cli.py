@@ -3,7 +3,7 @@
     e1min train       --config CONFIG [--set section.key=value] [--folds 1,3] [--resume | --restart-fold]
     e1min report      RUN_DIR
     e1min predict     --checkpoint RUN --fasta proteins.fasta [--msa-dir DIR] [--ions ZN,CA] [--out preds.tsv]
-    e1min evaluate    --checkpoint RUN --fasta test.fasta [--out-dir eval/]
+    e1min evaluate    --checkpoint RUN --fasta test.fasta [--out-dir eval/] [--train-fasta train.fasta]
     e1min embed       --checkpoint RUN/fold_1 --fasta proteins.fasta --out emb/ [--per-residue]
     e1min check-data  --config CONFIG
     e1min verify-lora
