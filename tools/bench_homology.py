@@ -47,7 +47,9 @@ def _mutant(rng: np.random.Generator, seq: str, identity: float, insert: int = 0
 
 def _counts(report: dict) -> str:
     n = report["proteins"]
-    return " | ".join(f"{report['with_homolog'][f'{t:g}']} ({100 * report['with_homolog'][f'{t:g}'] / max(n, 1):.1f} %)" for t in THRESHOLDS)
+    return " | ".join(
+        f"{report['with_homolog'][f'{t:g}']} ({100 * report['with_homolog'][f'{t:g}'] / max(n, 1):.1f} %)" for t in THRESHOLDS
+    )
 
 
 def bench_build(args: argparse.Namespace) -> None:
