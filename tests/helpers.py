@@ -49,7 +49,8 @@ def toy_config(tmp_path, checkpoint, **sections):
 
     cfg = {
         "general": {"seed": 0, "device": "cpu", "log_every": 100},
-        "data": {"fasta_path": str(tmp_path / "data"), "max_query_length": 40, "max_example_tokens": 1024},
+        # The cross-fold homology report (an mmseqs search per run) is tested where asked for, not in every run.
+        "data": {"fasta_path": str(tmp_path / "data"), "max_query_length": 40, "max_example_tokens": 1024, "homology_report": False},
         "model": {"checkpoint": str(checkpoint), "dropout": 0.0},
         "lora": {"r": 4, "alpha": 8},
         "training": {
@@ -100,7 +101,7 @@ def build_run(root: Path) -> Path:
     run = root / "run"
     cfg = {
         "general": {"seed": 0, "device": "cpu", "log_every": 50},
-        "data": {"fasta_path": str(data), "max_query_length": 64, "max_example_tokens": 1024},
+        "data": {"fasta_path": str(data), "max_query_length": 64, "max_example_tokens": 1024, "homology_report": False},
         "model": {"checkpoint": str(ckpt), "dropout": 0.0},
         "lora": {"r": 4, "alpha": 8},
         "training": {
