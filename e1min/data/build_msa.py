@@ -107,7 +107,7 @@ def build_msas(
     result = BuildResult()
     todo: list[Record] = []
     for r in records:
-        if not overwrite and msa_path(out, r.id, ion).exists():
+        if not overwrite and msa_path(out, r.id, ion).is_file():
             result.skipped.append(r.id)
         else:
             todo.append(r)

@@ -139,7 +139,7 @@ def test_heldout_leakage_against_training(family):
 def _demo_recipe(tmp_path, **data):
     make_demo_dataset(tmp_path / "data", seed=0, proteins_per_ion=30, test_per_ion=2)
     raw = {
-        "data": {"fasta_path": str(tmp_path / "data"), **data},
+        "data": {"fasta_path": str(tmp_path / "data"), "homology_report": False, **data},
         "model": {"checkpoint": str(tmp_path)},
         "training": {"ions": ["ZN", "CA", "LREE", "HREE", "REE"], "output_dir": str(tmp_path / "out")},
     }
@@ -149,7 +149,7 @@ def _demo_recipe(tmp_path, **data):
 
 def test_sequence_grouping_writes_todays_folds_json(tmp_path):
     require_mmseqs()
-    cfg = _demo_recipe(tmp_path)
+    cfg = _demo_recipe(tmp_path, homology_report=True)
     prepare_run(cfg, DistContext(), tmp_path / "out")
     assert hashlib.sha256((tmp_path / "out" / "folds.json").read_bytes()).hexdigest() == SEQUENCE_FOLDS_SHA256
     stats = json.loads((tmp_path / "out" / "data_stats.json").read_text())
