@@ -156,6 +156,8 @@ def find_mmseqs() -> MMseqs:
         raise MMseqsError(f"{path} is not a working MMseqs2 ('{path} version' failed); {INSTALL_HINT}")
     major = _major(version)
     # A build from a git checkout reports a bare commit hash: accepted (no release number to compare).
+    if major is None and not re.fullmatch(r"[0-9a-f]{7,40}", version):
+        raise MMseqsError(f"{path} is not MMseqs2 ('{path} version' printed {version[:40]!r}); {INSTALL_HINT}")
     if major is not None and major < MIN_MAJOR_VERSION:
         raise MMseqsError(f"{path} is MMseqs2 {version}, older than release {MIN_MAJOR_VERSION}; {INSTALL_HINT}")
     _FOUND[path] = MMseqs(path, version)

@@ -30,7 +30,7 @@ def test_missing_binary_names_what_to_install(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "version, ok", [("12-113e3", False), ("11.e1a1c", False), ("13.45111", True), ("17.b804f", True), ("a" * 40, True)]
+    "version, ok", [("12-113e3", False), ("11.e1a1c", False), ("13.45111", True), ("17.b804f", True), ("a" * 40, True), ("usage", False)]
 )
 def test_version_check(tmp_path, monkeypatch, version, ok):
     monkeypatch.setattr(mmseqs_module, "_FOUND", {})
@@ -38,7 +38,7 @@ def test_version_check(tmp_path, monkeypatch, version, ok):
     if ok:
         assert find_mmseqs().version == version
     else:
-        with pytest.raises(MMseqsError, match=f"MMseqs2 {version}, older than release 13"):
+        with pytest.raises(MMseqsError, match=f"MMseqs2 {version}, older than release 13|is not MMseqs2 .*'{version}'"):
             find_mmseqs()
 
 
