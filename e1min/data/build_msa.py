@@ -19,6 +19,7 @@ from pathlib import Path
 
 from e1min.data.fasta import DataError, Record, read_fasta
 from e1min.data.mmseqs import MMseqs, MMseqsError, find_mmseqs, is_database, read_entries, read_lookup
+from e1min.errors import E1minError
 from e1min.io import atomic_write_text, format_duration, make_temp_dir
 
 
@@ -130,8 +131,8 @@ def build_msas(
                 try:
                     text, depth = a3m_text(r, entries.get(r.id))
                     atomic_write_text(msa_path(out, r.id, ion), text)
-                except (DataError, OSError) as e:
-                    result.failed.append((r.id, str(e) if isinstance(e, DataError) else f"cannot write its A3M ({e.strerror or e})"))
+                except (E1minError, OSError) as e:  # a malformed entry, or an A3M that cannot be written
+                    result.failed.append((r.id, str(e) if isinstance(e, E1minError) else f"cannot write its A3M ({e.strerror or e})"))
                     say(f"build-msa: {r.id}: failed: {result.failed[-1][1]}")
                     continue
                 result.written.append(r.id)
