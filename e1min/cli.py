@@ -3,11 +3,12 @@
     e1min train       --config CONFIG [--set section.key=value] [--folds 1,3] [--resume | --restart-fold]
     e1min report      RUN_DIR
     e1min predict     --checkpoint RUN --fasta proteins.fasta [--msa-dir DIR] [--ions ZN,CA] [--out preds.tsv]
-    e1min evaluate    --checkpoint RUN --fasta test.fasta [--out-dir eval/]
+    e1min evaluate    --checkpoint RUN --fasta test.fasta [--out-dir eval/] [--train-fasta train.fasta]
     e1min embed       --checkpoint RUN/fold_1 --fasta proteins.fasta --out emb/ [--per-residue]
     e1min check-data  --config CONFIG
     e1min verify-lora
     e1min info        CHECKPOINT
+    e1min build-msa   --fasta proteins.fasta --db DB --out MSA_DIR [--ion ZN] [--threads N]
 
 Library modules never parse argv: each subcommand here has ``_add_<name>`` (its arguments) and
 ``_run_<name>`` (argument checks, then one library call). An ``E1minError`` (bad file, config,
@@ -228,6 +229,14 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     _add_model_inputs(p)
     p.add_argument("--out-dir", default="evaluation", help="output directory (default ./evaluation)")
     p.add_argument("--min-recall", type=float, default=0.7, help="recall floor of the high-recall AUPRC (HRA)")
+    p.add_argument(
+        "--train-fasta",
+        nargs="+",
+        default=None,
+        metavar="FASTA",
+        help="training FASTA file(s): report test proteins with a training homolog (MMseqs2) at 30/50/90 %% identity",
+    )
+    p.add_argument("--threads", type=int, default=1, help="mmseqs threads of the --train-fasta check (default 1)")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -238,8 +247,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PredictError("evaluate runs in one process; launch it without torchrun")
     check_output_dir(args.out_dir, [args.fasta], EVALUATION_FILES)
+    train = _read_train_fasta(args.train_fasta) if args.train_fasta else None
     predictor, ions, provider, records, skipped = _load_for_prediction(args, require_labels=True)
     _print_setup(predictor, ions, records, skipped)
+    homology = None
+    if train is not None:
+        from e1min.data.homology import format_leakage, heldout_leakage
+
+        homology = heldout_leakage(records, train, threads=args.threads)
+        print(format_leakage(homology), file=sys.stderr)
     report = evaluate_records(
         predictor,
         records,
@@ -251,10 +267,26 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.seed,
         args.min_recall,
         progress=not args.quiet,
+        homology=homology,
     )
     print(evaluation_table(report["ions"]))
     print(f"wrote {Path(args.out_dir) / 'evaluation.json'}, evaluation.md, predictions.tsv and curves", file=sys.stderr)
     return 0
+
+
+def _read_train_fasta(paths: Sequence[str]) -> list:
+    """Training proteins of ``--train-fasta`` (one per id), after MMseqs2 is found: both before any model work."""
+    from e1min.data.fasta import DataError, read_fasta
+    from e1min.data.mmseqs import find_mmseqs
+
+    find_mmseqs()
+    by_id = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"--train-fasta {path}: file not found")
+        for r in read_fasta(path):
+            by_id.setdefault(r.id, r)
+    return list(by_id.values())
 
 
 def _add_embed(p: argparse.ArgumentParser) -> None:
@@ -317,6 +349,7 @@ def _run_embed(args: argparse.Namespace) -> int:
 def _add_check_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (YAML)")
+    p.add_argument("--threads", type=int, default=1, help="mmseqs threads of the homology check (default 1)")
 
 
 def _run_check_data(args: argparse.Namespace) -> int:
@@ -331,7 +364,10 @@ def _run_check_data(args: argparse.Namespace) -> int:
         print(f"e1min check-data: {e}", file=sys.stderr)
         return 1
     d, t = recipe.data, recipe.training
-    report, problems = check_data(d.fasta_path, list(t.ions), d.fasta_pattern, d.msa_dir, t.num_folds, recipe.general.seed)
+    report, problems = check_data(
+        d.fasta_path, list(t.ions), d.fasta_pattern, d.msa_dir, t.num_folds, recipe.general.seed,
+        d.fold_grouping, d.split_min_seq_id, d.split_coverage, d.homology_report, args.threads,
+    )  # fmt: skip
     for n in notes:
         print(n)
     print(report)
@@ -398,6 +434,43 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ build-msa
+def _add_build_msa(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fasta", required=True, help="proteins to build A3Ms for (labelled or unlabelled FASTA)")
+    p.add_argument("--db", required=True, help="MMseqs2 database prefix (DB.dbtype) or a FASTA file (made into one)")
+    p.add_argument("--out", required=True, help="MSA directory: writes OUT/ION/id.a3m with --ion, else OUT/id.a3m")
+    p.add_argument("--ion", default=None, help="write into OUT/ION/ (e1min's layout for one ion)")
+    p.add_argument("--threads", type=int, default=1, help="mmseqs threads (default 1)")
+    p.add_argument("--sensitivity", type=float, default=None, help="mmseqs search -s (default: mmseqs's, 5.7)")
+    p.add_argument("--max-seqs", type=int, default=None, help="mmseqs search --max-seqs (default: mmseqs's, 300)")
+    p.add_argument("--evalue", type=float, default=None, help="mmseqs search -e (default: mmseqs's, 1e-3)")
+    p.add_argument("--chunk-size", type=int, default=1000, help="proteins per mmseqs search (progress and resume granularity)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild A3Ms that already exist (default: skip them)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _run_build_msa(args: argparse.Namespace) -> int:
+    """Exit 1 when some proteins failed (one line each), 0 otherwise."""
+    from e1min.data.build_msa import build_msas
+
+    def say(msg: str) -> None:
+        if not args.quiet or ": failed: " in msg:
+            print(msg, file=sys.stderr, flush=True)
+
+    res = build_msas(
+        args.fasta, args.db, args.out, args.ion, args.threads, args.sensitivity, args.max_seqs, args.evalue,
+        args.overwrite, args.chunk_size, progress=say,
+    )  # fmt: skip
+    depths = sorted(res.depth.values())
+    median = depths[len(depths) // 2] if depths else 0
+    print(
+        f"build-msa: wrote {len(res.written)} A3M(s) ({sum(1 for d in depths if d == 0)} query-only, median depth {median}), "
+        f"skipped {len(res.skipped)} existing, {len(res.failed)} failed",
+        file=sys.stderr,
+    )
+    return 1 if res.failed else 0
+
+
 # ------------------------------------------------------------------------------------ the command
 # name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -409,6 +482,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "check-data": ("validate every input a config names, print statistics", _add_check_data, _run_check_data),
     "verify-lora": ("unit-level LoRA checks (tiny random model by default)", _add_verify_lora, _run_verify_lora),
     "info": ("print a checkpoint's config, parameter count, dtype and layer types", _add_info, _run_info),
+    "build-msa": ("one A3M per protein, searched with MMseqs2 against a database", _add_build_msa, _run_build_msa),
 }
 DESCRIPTIONS = {
     "predict": "Per-residue metal-binding probabilities for every protein of a FASTA file. Output rows are in input order: "

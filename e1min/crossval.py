@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from e1min.checkpoint import state_dir
 from e1min.data.dataset import ion_stats, load_ion_records
 from e1min.data.fasta import DataError, Record
 from e1min.data.folds import assign_folds, check_assignment, load_folds, save_folds
+from e1min.data.homology import Homology, fold_leakage, format_leakage, grouping_meta, make_folds
+from e1min.data.mmseqs import MMseqsError
 from e1min.data.msa import ContextProvider
 from e1min.dist import DistContext, init_distributed
 from e1min.errors import E1minError
@@ -38,22 +41,42 @@ def prepare_run(cfg: Recipe | dict, ctx: DistContext, out: Path) -> RunData:
     records = load_ion_records(d.fasta_path, t.ions, d.fasta_pattern)
     folds_file = RunDir(out).folds_file
     fold_meta = {"num_folds": t.num_folds, "seed": g.seed, "ions": list(t.ions), "data": data_fingerprint(records)}
+    grouping = grouping_meta(d.fold_grouping, d.split_min_seq_id, d.split_coverage)
+    if grouping is not None:
+        fold_meta["grouping"] = grouping
+    extra, homology = {}, None
     if folds_file.exists():
         assignment, saved = load_folds(folds_file)
         check_fold_meta(folds_file, saved, fold_meta)
+        check_grouping(folds_file, saved.get("grouping"), grouping)
         problems = check_assignment(assignment, records)
         if problems:
             raise DataError(f"{folds_file}: does not match the data ({'; '.join(problems[:5])}); use a new output_dir")
         log.info("reusing fold assignment from %s", folds_file)
-    else:
+    elif grouping is None:
         assignment = assign_folds(records, t.num_folds, g.seed)
+    else:
+        # Rank 0 runs MMseqs2 and writes folds.json; the others read it (every rank learns of a failure).
+        assignment, error = {}, None
+        if ctx.is_main:
+            try:
+                assignment, extra, homology = make_folds(
+                    records, t.num_folds, g.seed, d.fold_grouping, d.split_min_seq_id, d.split_coverage, _mmseqs_threads()
+                )
+            except E1minError as e:
+                error = e
+        if ctx.any(error is not None, "identity_folds"):
+            raise error or DataError(f"{folds_file}: rank 0 could not assign identity-grouped folds")
     stats = {ion: ion_stats(recs) for ion, recs in records.items()}
     if ctx.is_main:
         atomic_write_text(out / "config.yaml", cfg.dump_yaml())
         if not folds_file.exists():
-            save_folds(folds_file, assignment, fold_meta)
+            save_folds(folds_file, assignment, {**fold_meta, **extra})
         fold_sizes = {str(k + 1): sum(1 for f in assignment.values() if f == k) for k in range(t.num_folds)}
-        atomic_write_json(out / "data_stats.json", {"ions": stats, "fold_sizes": fold_sizes})
+        data_stats = {"ions": stats, "fold_sizes": fold_sizes}
+        if d.homology_report:
+            data_stats["homology"] = _homology_report(records, assignment, homology)
+        atomic_write_json(out / "data_stats.json", data_stats)
         for ion, s in stats.items():
             log.info(
                 "%s: %d proteins (%d labelled), %d residues, positive rate %.4f",
@@ -64,6 +87,8 @@ def prepare_run(cfg: Recipe | dict, ctx: DistContext, out: Path) -> RunData:
                 s["positive_rate"],
             )
     ctx.barrier("prepare_run")
+    if not assignment:
+        assignment, _ = load_folds(folds_file)
     provider = ContextProvider(d.msa_dir) if d.msa_dir else None
     return RunData(
         records=records,
@@ -72,6 +97,32 @@ def prepare_run(cfg: Recipe | dict, ctx: DistContext, out: Path) -> RunData:
         train_sampling=t.msa_sampling,
         val_sampling=t.validation_msa_sampling,
     )
+
+
+def _mmseqs_threads() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
+
+
+def _homology_report(records: dict[str, list[Record]], assignment: dict[str, int], homology: Homology | None) -> dict[str, Any] | None:
+    """The cross-fold homology report for data_stats.json (None, with a log line, when MMseqs2 is unavailable)."""
+    try:
+        report = fold_leakage(records, assignment, homology, threads=_mmseqs_threads())
+    except MMseqsError as e:
+        log.info("homology report skipped (data.homology_report: false silences this): %s", e)
+        return None
+    log.info("%s", format_leakage(report))
+    return report
+
+
+def check_grouping(path: Path, saved: dict[str, Any] | None, wanted: dict[str, Any] | None) -> None:
+    """A reused folds.json must have been grouped as the config says (no grouping recorded = sequence)."""
+    if (saved or None) != (wanted or None):
+        have = saved or {"method": "sequence"}
+        want = wanted or {"method": "sequence"}
+        raise DataError(
+            f"{path}: fold grouping is {have} there but {want} in the config; use a new training.output_dir "
+            "(or set data.fold_grouping / split_min_seq_id / split_coverage back to continue this run)"
+        )
 
 
 def data_fingerprint(records: dict[str, list[Record]]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from e1min.data.fasta import Record
+from e1min.data.homology import format_leakage
 from e1min.data.msa import ContextProvider
 from e1min.io import atomic_path, atomic_write_json, atomic_write_text, json_safe
 from e1min.metrics import best_threshold, binary_metrics, confusion_at, precision_recall_curve, roc_curve
@@ -146,11 +147,13 @@ def evaluate_records(
     seed: int | None = None,
     min_recall: float = 0.7,
     progress: bool = True,
+    homology: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Predict labelled ``records`` (labels apply to every requested ion) and write the evaluation.
 
     Writes ``predictions.tsv`` (with a ``label`` column), ``evaluation.json``, ``evaluation.md``, per-ion
-    ROC/PR curves as CSV, and threshold-analysis PNGs when matplotlib is installed. Per-residue labels
+    ROC/PR curves as CSV, and threshold-analysis PNGs when matplotlib is installed. ``homology`` (the
+    test-vs-training leakage report of ``e1min.data.homology.heldout_leakage``) goes into both reports. Per-residue labels
     and probabilities of every requested ion are kept in memory for the metrics (fine for test sets).
     """
     out_dir = Path(out_dir)
@@ -189,6 +192,8 @@ def evaluate_records(
         "ions": results,
         "throughput": speed,
     }
+    if homology is not None:
+        report["homology"] = homology
     atomic_write_json(out_dir / "evaluation.json", report)
     md = [
         f"Evaluation of {', '.join(predictor.fold_names)} on {len(records)} proteins",
@@ -197,5 +202,7 @@ def evaluate_records(
         "",
         evaluation_table(results),
     ]
+    if homology is not None:
+        md += ["", format_leakage(homology)]
     atomic_write_text(out_dir / "evaluation.md", "\n".join(md))
     return report

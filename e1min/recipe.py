@@ -68,6 +68,15 @@ class Data:
     msa_dir: str | None = opt(None, "A3M directory ({msa_dir}/{ION}/{id}.a3m or {msa_dir}/{id}.a3m); null = no MSAs")
     max_query_length: int = opt(1022, "longer query sequences are cropped to a window of this many residues", range=">= 2")
     max_example_tokens: int = opt(16384, "token budget of one example (query + MSA context rows)", range=">= 1")
+    fold_grouping: str = opt(
+        "sequence",
+        "what shares a fold: sequence (same id or identical sequence) | identity (also proteins linked by an MMseqs2 "
+        "alignment at >= split_min_seq_id over >= split_coverage of both; connected components)",
+        choices=("sequence", "identity"),
+    )
+    split_min_seq_id: float = opt(0.3, "identity grouping: minimum alignment identity of a link", range="(0, 1]")
+    split_coverage: float = opt(0.8, "identity grouping: minimum coverage of both sequences of a link", range="[0, 1]")
+    homology_report: bool = opt(True, "write the cross-fold homology report (MMseqs2) into data_stats.json; skipped without mmseqs")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from e1min import metrics
 from e1min.data.fasta import DataError, Record
+from e1min.data.homology import format_leakage
 from e1min.io import atomic_path, atomic_write_json, atomic_write_text, read_json_object
 from e1min.plotting import pyplot
 from e1min.recipe import Recipe, load_recipe
@@ -103,10 +104,26 @@ def summarise(out: Path, ions: Sequence[str], num_folds: int, method: str) -> di
         ions_out[ion] = {"positive_rate": float(y_all.mean()), **{k: metrics.mean_std(v) for k, v in cols.items()}}
     fold_results = [read_json_object(run.fold_result(k), DataError) for k in folds]
     summary = {"ions": ions_out, "folds": fold_results, "config": "config.yaml", "notes": notes}
+    homology = _homology(out)
+    if homology is not None:
+        summary["homology"] = homology
     atomic_write_json(run.thresholds, thresholds)
     atomic_write_json(out / "summary.json", summary)
-    atomic_write_text(out / "summary.md", summary_markdown(ions_out, folds, notes))
+    md = summary_markdown(ions_out, folds, notes)
+    if homology is not None:
+        md += "\n" + format_leakage(homology) + "\n"
+    atomic_write_text(out / "summary.md", md)
     return summary
+
+
+def _homology(out: Path) -> dict[str, Any] | None:
+    """The cross-fold homology report that prepare_run wrote into data_stats.json, if any."""
+    try:
+        stats = json.loads((out / "data_stats.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    report = stats.get("homology") if isinstance(stats, dict) else None
+    return report if isinstance(report, dict) and "with_homolog" in report else None
 
 
 def summary_markdown(ions_out: dict, folds: list[int], notes: Sequence[str] = ()) -> str:

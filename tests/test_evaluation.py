@@ -95,3 +95,30 @@ def test_evaluate_figure_with_matplotlib(run_dir, ensemble, tmp_path):
 def test_evaluate_needs_labels(run_dir, query_fasta, tmp_path):
     with pytest.raises(DataError, match="no label line"):
         evaluate_main(["--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out-dir", str(tmp_path)])
+
+
+def test_evaluate_reports_test_proteins_with_a_training_homolog(run_dir, tmp_path, capsys, monkeypatch):
+    from e1min.data.fasta import Record, write_fasta
+    from tests.helpers import random_records, require_mmseqs
+
+    require_mmseqs()
+    train = run_dir.parent / "data/ZN_train.fasta"
+    long = [r for r in read_input_fasta(train)[0] if len(r.sequence) >= 35][:2]
+    assert len(long) == 2
+    test = [Record(f"copy_{r.id}", r.sequence, r.labels) for r in long]
+    test += random_records(np.random.default_rng(99), 1, "new", lo=50, hi=51)
+    write_fasta(tmp_path / "test.fasta", test)
+    args = ["--checkpoint", str(run_dir), "--fasta", str(tmp_path / "test.fasta"), "--quiet", "--train-fasta", str(train)]
+    assert evaluate_main(args + ["--out-dir", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev/evaluation.json").read_text())["homology"]
+    assert report["with_homolog"] == {"0.3": 2, "0.5": 2, "0.9": 2} and report["proteins"] == 3
+    assert {p["query"] for p in report["worst_pairs"]} == {t.id for t in test[:2]}
+    assert "homology across test vs train" in (tmp_path / "ev/evaluation.md").read_text()
+    assert ">= 90 %: 2/3" in capsys.readouterr().err
+    # No mmseqs: a one-line error before the model loads.
+    monkeypatch.setenv("E1MIN_MMSEQS", str(tmp_path / "none"))
+    from e1min.cli import main as cli_main
+
+    assert cli_main(["evaluate", *args, "--out-dir", str(tmp_path / "ev2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "MMseqs2" in err and "E1MIN_MMSEQS" in err

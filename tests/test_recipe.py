@@ -24,6 +24,10 @@ TODAY = {
         "msa_dir": None,
         "max_query_length": 1022,
         "max_example_tokens": 16384,
+        "fold_grouping": "sequence",
+        "split_min_seq_id": 0.3,
+        "split_coverage": 0.8,
+        "homology_report": True,
     },
     "model": {
         "checkpoint": REQ,

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def test_only_lora_heads_and_optionally_mlm_head_change(tiny_model, train_mlm_he
 
 
 def test_end_to_end_output_tree_and_reload(tmp_path, tiny_checkpoint):
-    cfg_path = toy_config(tmp_path, tiny_checkpoint, training={"mlm_weight": 0.5, "label_smoothing": 0.05})
+    cfg_path = toy_config(tmp_path, tiny_checkpoint, data={"homology_report": True}, training={"mlm_weight": 0.5, "label_smoothing": 0.05})
     assert main(["--config", str(cfg_path)]) == 0
     out = tmp_path / "out"
     for f in [
@@ -66,6 +67,10 @@ def test_end_to_end_output_tree_and_reload(tmp_path, tiny_checkpoint):
         assert (out / "plots/loss_fold_1_ZN.png").stat().st_size > 0 and (out / "plots/auprc_fold_1_CA.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"] == "config.yaml"
+    stats = json.loads((out / "data_stats.json").read_text())
+    if stats["homology"] is not None or os.environ.get("CI"):  # MMseqs2 installed (always in CI): the report reaches the summary
+        assert summary["homology"]["with_homolog"] == stats["homology"]["with_homolog"]
+        assert "homology across folds" in (out / "summary.md").read_text()
     for ion in ("ZN", "CA"):
         entry = summary["ions"][ion]
         assert 0 < entry["positive_rate"] < 1

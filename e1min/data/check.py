@@ -8,7 +8,8 @@ from pathlib import Path
 
 from e1min.data.dataset import ion_stats, load_ion_records
 from e1min.data.fasta import DataError, Record
-from e1min.data.folds import assign_folds
+from e1min.data.homology import fold_leakage, format_leakage, make_folds
+from e1min.data.mmseqs import MMseqsError
 from e1min.data.msa import ContextProvider
 
 
@@ -32,8 +33,17 @@ def check_data(
     msa_dir: str | os.PathLike | None = None,
     num_folds: int = 5,
     seed: int = 0,
+    grouping: str = "sequence",
+    min_seq_id: float = 0.3,
+    coverage: float = 0.8,
+    homology: bool = True,
+    threads: int = 1,
 ) -> tuple[str, list[str]]:
-    """Return (printable report, every problem found) for the FASTA files, MSAs and folds of ``ions``."""
+    """Return (printable report, every problem found) for the FASTA files, MSAs and folds of ``ions``.
+
+    With ``homology`` (and MMseqs2 installed) the report adds the proteins with a homolog in another fold;
+    ``grouping="identity"`` builds the folds as a run would (MMseqs2 required).
+    """
     problems: list[str] = []
     if not ions:
         problems.append("no ions configured")
@@ -73,16 +83,23 @@ def check_data(
             f"{s['positive_rate']:>8.4f} {lengths:>22} {cov:>10}"
         )
     if records_by_ion:
+        found = None
         try:
-            assignment = assign_folds(records_by_ion, num_folds, seed)
-            lines += ["", f"folds (K={num_folds}, seed={seed}): proteins per fold"]
+            assignment, _, found = make_folds(records_by_ion, num_folds, seed, grouping, min_seq_id, coverage, threads)
+            lines += ["", f"folds (K={num_folds}, seed={seed}, grouping {grouping}): proteins per fold"]
             for ion, records in records_by_ion.items():
                 sizes = [0] * num_folds
                 for r in records:
                     sizes[assignment[r.id]] += 1
                 lines.append(f"{ion:<6} " + " ".join(f"{n:>6}" for n in sizes))
-        except (DataError, ValueError) as e:
+        except (DataError, ValueError, MMseqsError) as e:
             problems.append(f"folds: {e}")
+            assignment = None
+        if homology and assignment is not None:
+            try:
+                lines += ["", format_leakage(fold_leakage(records_by_ion, assignment, found, threads))]
+            except MMseqsError as e:
+                lines += ["", f"homology across folds: not checked ({e})"]
     if problems:
         lines += ["", f"{len(problems)} problem(s):"] + [f"  - {p}" for p in problems]
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,9 @@ class _UnionFind:
             self.parent[hi] = lo
 
 
-def protein_groups(records_by_ion: Mapping[str, Sequence[Record]]) -> list[list[str]]:
-    """Groups of protein ids that must share a fold: same id across ions, or identical sequences."""
+def protein_groups(records_by_ion: Mapping[str, Sequence[Record]], links: Iterable[tuple[str, str]] = ()) -> list[list[str]]:
+    """Groups of protein ids that must share a fold: same id across ions, identical sequences, or ``links``
+    (pairs of ids, e.g. homologs): connected components."""
     uf = _UnionFind()
     by_sequence: dict[str, str] = {}
     for records in records_by_ion.values():
@@ -47,6 +48,9 @@ def protein_groups(records_by_ion: Mapping[str, Sequence[Record]]) -> list[list[
             uf.find(r.id)
             first = by_sequence.setdefault(r.sequence, r.id)
             uf.union(first, r.id)
+    for a, b in links:
+        if a in uf.parent and b in uf.parent:
+            uf.union(a, b)
     groups: dict[str, list[str]] = {}
     for pid in uf.parent:
         groups.setdefault(uf.find(pid), []).append(pid)
@@ -78,6 +82,37 @@ def assign_folds(records_by_ion: Mapping[str, Sequence[Record]], num_folds: int,
         residues[fold] += sum(lengths[p] for p in group)
         counts[fold] += len(group)
         for pid in group:
+            assignment[pid] = fold
+    return dict(sorted(assignment.items()))
+
+
+def assign_group_folds(
+    records_by_ion: Mapping[str, Sequence[Record]], groups: Sequence[Sequence[str]], num_folds: int, seed: int
+) -> dict[str, int]:
+    """Protein id -> fold for precomputed groups, largest group first, each to the fold whose share of
+    proteins plus share of positive residues stays lowest (ties: seeded order of equal groups, lowest fold)."""
+    if num_folds < 2:
+        raise DataError(f"'num_folds' must be at least 2, got {num_folds}")
+    if len(groups) < num_folds:
+        raise DataError(f"only {len(groups)} independent protein groups for {num_folds} folds")
+    positives: dict[str, int] = {}
+    for records in records_by_ion.values():
+        for r in records:
+            positives[r.id] = positives.get(r.id, 0) + (int(r.labels.sum()) if r.labels is not None else 0)
+    size = np.array([len(g) for g in groups], dtype=np.int64)
+    pos = np.array([sum(positives.get(p, 0) for p in g) for g in groups], dtype=np.int64)
+    tie = np.random.default_rng(stable_seed(seed, "folds")).permutation(len(groups))
+    order = np.lexsort((tie, -pos, -size))
+    total, total_pos = max(int(size.sum()), 1), max(int(pos.sum()), 1)
+    counts = np.zeros(num_folds, dtype=np.int64)
+    pos_counts = np.zeros(num_folds, dtype=np.int64)
+    assignment: dict[str, int] = {}
+    for g in order:
+        load = (counts + size[g]) / total + (pos_counts + pos[g]) / total_pos
+        fold = int(np.lexsort((np.arange(num_folds), counts, load))[0])
+        counts[fold] += size[g]
+        pos_counts[fold] += pos[g]
+        for pid in groups[g]:
             assignment[pid] = fold
     return dict(sorted(assignment.items()))
 

@@ -53,3 +53,21 @@ def test_every_msa_problem_is_found(tmp_path):
     assert f"{msa / 'z4.a3m'}: symlink loop" in text
     assert f"{msa / 'z5.a3m'}:4: non-text byte 0xff" in text
     assert len(problems) == 5 and "1/6" in report
+
+
+def test_homology_across_folds_and_identity_grouping(tmp_path, monkeypatch):
+    from tests.data.test_homology import planted
+    from tests.helpers import require_mmseqs
+
+    require_mmseqs()
+    write_fasta(tmp_path / "ZN_train.fasta", planted(np.random.default_rng(11)))
+    report, problems = check_data(tmp_path, ["ZN"], num_folds=3, seed=0)
+    assert problems == [] and "grouping sequence" in report and "homology across folds" in report
+    report, problems = check_data(tmp_path, ["ZN"], num_folds=3, seed=0, grouping="identity")
+    assert problems == [] and "grouping identity" in report
+    assert "homology across folds (mmseqs" in report and ">= 30 %: 0/14" in report
+    monkeypatch.setenv("E1MIN_MMSEQS", str(tmp_path / "none"))
+    report, problems = check_data(tmp_path, ["ZN"], num_folds=3, seed=0)
+    assert problems == [] and "homology across folds: not checked" in report
+    report, problems = check_data(tmp_path, ["ZN"], num_folds=3, seed=0, grouping="identity")
+    assert len(problems) == 1 and problems[0].startswith("folds: E1MIN_MMSEQS=")
