@@ -52,16 +52,19 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    from e1min.pages import build_run_report
     from e1min.report import report_run
     from e1min.run import RunLock
 
     out = Path(args.run_dir)
     with RunLock(out):
         summary = report_run(out)
+        page = build_run_report(out)
     if summary is None:
         print(f"{out}: no complete fold with out-of-fold predictions yet", file=sys.stderr)
-        return 0
-    print((out / "summary.md").read_text())
+    else:
+        print((out / "summary.md").read_text())
+    print(f"report: {page}", file=sys.stderr)
     return 0
 
 
@@ -255,7 +258,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(evaluation_table(report["ions"]))
-    print(f"wrote {Path(args.out_dir) / 'evaluation.json'}, evaluation.md, predictions.tsv and curves", file=sys.stderr)
+    print(f"wrote {Path(args.out_dir) / 'evaluation.html'}, evaluation.json, evaluation.md, predictions.tsv and curves", file=sys.stderr)
     return 0
 
 
