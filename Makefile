@@ -10,7 +10,7 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= test,plot
+EXTRAS     ?= test,plot,structure
 NGPU       ?= 1
 CONFIG     ?= configs/demo.yaml
 ARGS       ?=
