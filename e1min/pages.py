@@ -21,7 +21,7 @@ import yaml
 
 from e1min import __version__, metrics
 from e1min.data.fasta import DataError
-from e1min.io import atomic_write_text, dumps_json
+from e1min.io import atomic_write_text, dumps_json, format_duration
 from e1min.report import read_oof
 from e1min.run import RunDir
 
@@ -35,7 +35,7 @@ h1{font-size:1.5em;margin:18px 0 4px}h2{font-size:1.25em;border-bottom:1px solid
 h3{font-size:1.05em;margin:16px 0 6px}
 table{border-collapse:collapse;margin:6px 0 10px;font-size:.9em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
-.meta td{text-align:left}.figs{display:flex;flex-wrap:wrap;gap:10px}.figs svg{border:1px solid #e3e3e3;background:#fff}
+.meta td{text-align:left}.figs{display:flex;flex-wrap:wrap;gap:8px}.figs svg{border:1px solid #e3e3e3;background:#fff}
 .note{color:#8a4b00}.small{font-size:.85em;color:#555}pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:.85em}
 code{background:#f2f2f2;padding:0 3px}
 """
@@ -80,8 +80,8 @@ def svg_chart(
     vlines: Sequence[dict[str, Any]] = (),
     diagonal: bool = False,
     chart_id: str = "",
-    width: int = 315,
-    height: int = 270,
+    width: int = 305,
+    height: int = 265,
 ) -> str:
     """A line chart as inline SVG.
 
@@ -478,7 +478,7 @@ def _run_header(run: RunDir, cfg: dict[str, Any], folds: list[int], histories: d
         if runtime
         else "?",
         "launch": log_line or "–",
-        "training time": f"{seconds / 60:.1f} min (sum of the recorded epochs' training time)",
+        "training time": f"{format_duration(seconds)} (sum of the recorded epochs' training time)",
         "run directory": str(run.root),
     }
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in info.items())
