@@ -546,6 +546,9 @@ def build_run_report(out: str | Path) -> Path:
         hist = _history(run.metrics(k))
         if hist:
             histories[k] = hist
+        if res is None and not run.fold(k).exists():
+            notes.append(f"fold {k}: not trained (no {run.fold(k).name}/)")
+            continue
         if res is None:
             notes.append(f"fold {k}: not complete (no fold_result.json)" + (f"; {len(hist)} epoch(s) recorded" if hist else ""))
             continue
