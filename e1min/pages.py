@@ -25,7 +25,7 @@ from e1min.io import atomic_write_text, dumps_json, format_duration
 from e1min.report import read_oof
 from e1min.run import RunDir
 
-MAX_POINTS = 2000  # points per drawn curve; longer curves are thinned evenly (endpoints kept)
+MAX_POINTS = 1000  # points per drawn curve; longer curves are thinned evenly (endpoints kept)
 RELIABILITY_BINS = 10
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
@@ -657,7 +657,8 @@ def _epoch_panels(ion: str, histories: dict[int, list], results: dict[int, dict]
             chart_id=f"val-{ion}",
         ),
     ]
-    return f'<div class="figs">{"".join(figs)}</div>', data
+    note = f"diamonds: each fold's selected epoch (best mean validation {selection.upper()} over all ions, so not always this ion's best)"
+    return f'<div class="figs">{"".join(figs)}</div><p class="small">{_e(note)}</p>', data
 
 
 def _fold_table(results: dict[int, dict], histories: dict[int, list], oof: dict, ions: Sequence[str]) -> tuple[str, dict[str, Any]]:
