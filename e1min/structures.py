@@ -177,7 +177,8 @@ def _resi(res: Any) -> str:
 def chimerax_script(structure_file: str, pid: str, ion: str, threshold_note: str, sticks: dict[str, list[str]]) -> str:
     """ChimeraX commands: open the painted file, colour by B-factor (0 blue, 50 white, 100 red), called residues as sticks."""
     lines = [
-        f"# e1min: {ion} binding probability of {pid} in the B-factor column (100 x probability); {threshold_note}",
+        # PyMOL (and ChimeraX) split lines at ';' even inside comments: none may appear here.
+        f"# e1min: {ion} binding probability of {pid.replace(';', '_')} in the B-factor column (100 x probability), {threshold_note}",
         "# run from this directory: chimerax " + structure_file.rsplit(".", 1)[0] + ".cxc",
         f"open {structure_file}",
         "hide #1 atoms",
@@ -195,7 +196,8 @@ def pymol_script(structure_file: str, pid: str, ion: str, threshold_note: str, s
     """PyMOL commands: load the painted file, spectrum by B-factor 0-100, called residues as sticks."""
     obj = _safe(structure_file.rsplit(".", 1)[0])
     lines = [
-        f"# e1min: {ion} binding probability of {pid} in the B-factor column (100 x probability); {threshold_note}",
+        # PyMOL (and ChimeraX) split lines at ';' even inside comments: none may appear here.
+        f"# e1min: {ion} binding probability of {pid.replace(';', '_')} in the B-factor column (100 x probability), {threshold_note}",
         "# run from this directory: pymol " + structure_file.rsplit(".", 1)[0] + ".pml",
         f"load {structure_file}, {obj}",
         f"hide everything, {obj}",

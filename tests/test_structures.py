@@ -85,6 +85,7 @@ def test_scripts_name_the_painted_file_and_the_called_residues(tmp_path):
         assert "color bfactor #1 palette 0,blue:50,white:100,red" in cxc
         assert re.findall(r"^show #1/A:(\S+) atoms$", cxc, re.M) == [",".join(called)]
         pml = (tmp_path / "out" / f"prot1_{ion}.pml").read_text()
+        assert ";" not in cxc + pml  # both programs split commands at ';', even in comments
         loaded = re.findall(r"^load (\S+), (\S+)$", pml, re.M)
         assert loaded == [(f"prot1_{ion}.pdb", f"prot1_{ion}")]
         assert "spectrum b, blue_white_red, prot1_ZN" in pml if ion == "ZN" else True
@@ -157,3 +158,22 @@ def test_predict_cli_paints_structures(run_dir, tmp_path, capsys):
 
     with pytest.raises(PredictError, match="--structures and --out-structures go together"):
         predict_main([*argv, "--structures", str(FIXTURES)])
+
+
+def test_pymol_runs_the_script_when_installed(tmp_path):
+    """Where PyMOL is installed (Debian's pymol), the .pml runs without an error and paints what gemmi wrote."""
+    import subprocess
+
+    if not shutil.which("pymol"):
+        pytest.skip("PyMOL not installed (optional: the scripts are checked as text above)")
+    probs = write_predictions(tmp_path / "pred.tsv", ["prot1"])
+    paint_structures(tmp_path / "pred.tsv", FIXTURES, tmp_path / "out")
+    probe = "print('B105A', cmd.get_model('prot1_ZN and chain A and resi 105A').atom[0].b); print('STICKS', cmd.count_atoms('rep sticks'))"
+    env = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}  # Debian's wrapper needs the system python3
+    out = subprocess.run(
+        ["pymol", "-cq", "prot1_ZN.pml", "-d", probe], cwd=tmp_path / "out", capture_output=True, text=True, timeout=120, env=env
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "Error" not in text, text
+    assert float(re.search(r"B105A ([\d.]+)", text).group(1)) == pytest.approx(100 * probs["prot1", "ZN"][5], abs=0.006)
+    assert int(re.search(r"STICKS (\d+)", text).group(1)) > 0
