@@ -252,6 +252,8 @@ def _check_structure_args(args: argparse.Namespace) -> None:
         raise PredictError(f"--structures {args.structures}: not a directory")
     if not 0 <= args.min_identity <= 1:
         raise PredictError(f"--min-identity must be in [0, 1], got {args.min_identity}")
+    if Path(args.out_structures).resolve() == Path(args.structures).resolve():
+        raise PredictError(f"--out-structures {args.out_structures}: is the --structures directory; give another one")
     check_output_dir(args.out_structures, [args.fasta], what="--out-structures")
     require_gemmi()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tests.browser
 from tests.browser import chromium, load, require_browser
 
 
@@ -101,3 +102,13 @@ def test_evaluation_page_in_a_browser(browser, evaluation_dir):
     worst = browser.execute_script("return document.querySelectorAll('table.worst tr[data-id]').length")
     assert worst > 0
     not_blank(screenshot(browser, "evaluation.png"))
+
+
+def test_a_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(tests.browser, "find_browser", lambda: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="headless Chromium"):
+        require_browser()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        require_browser()

@@ -158,6 +158,8 @@ def test_predict_cli_paints_structures(run_dir, tmp_path, capsys):
 
     with pytest.raises(PredictError, match="--structures and --out-structures go together"):
         predict_main([*argv, "--structures", str(FIXTURES)])
+    with pytest.raises(PredictError, match="is the --structures directory"):
+        predict_main([*argv, "--structures", str(FIXTURES), "--out-structures", str(FIXTURES)])
 
 
 def test_pymol_runs_the_script_when_installed(tmp_path):
