@@ -463,11 +463,13 @@ def _run_header(run: RunDir, cfg: dict[str, Any], folds: list[int], histories: d
             break
     model = cfg.get("model", {})
     runtime = meta.get("runtime") or {}
-    log_line = ""
+    log_line, wall = "", None
     log = run.root / "training.log"
     if log.exists():
-        found = re.findall(r"e1min train: .*", log.read_text(encoding="utf-8", errors="replace"))
+        text = log.read_text(encoding="utf-8", errors="replace")
+        found = re.findall(r"e1min train: .*", text)
         log_line = found[-1] if found else ""
+        wall = _log_wall_time(text)
     seconds = sum(float(h.get("seconds", 0) or 0) for hist in histories.values() for h in hist)
     info = {
         "e1min version (run)": meta.get("e1min_version", "?"),
@@ -478,11 +480,28 @@ def _run_header(run: RunDir, cfg: dict[str, Any], folds: list[int], histories: d
         if runtime
         else "?",
         "launch": log_line or "–",
+        "wall time": "?" if wall is None else f"{format_duration(wall)} (the last e1min train in training.log, start to last line)",
         "training time": f"{format_duration(seconds)} (sum of the recorded epochs' training time)",
         "run directory": str(run.root),
     }
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in info.items())
     return f'<table class="meta">{rows}</table>', info
+
+
+def _log_wall_time(text: str) -> float | None:
+    """Seconds from the last ``e1min train:`` line of training.log to its last line (times are HH:MM:SS: a day wraps)."""
+    stamps = [
+        (m.group(4), int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3)))
+        for m in re.finditer(r"^(\d\d):(\d\d):(\d\d) (.*)$", text, re.M)
+    ]
+    starts = [i for i, (msg, _) in enumerate(stamps) if msg.startswith("e1min train:")]
+    if not starts:
+        return None
+    t0, day, prev = stamps[starts[-1]][1], 0, stamps[starts[-1]][1]
+    for _, t in stamps[starts[-1] + 1 :]:
+        day += 86400 if t < prev else 0
+        prev = t
+    return float(prev + day - t0)
 
 
 def _data_table(stats: dict[str, Any] | None) -> str:
@@ -522,10 +541,10 @@ def _summary_table(summary: dict[str, Any] | None) -> str:
     )
 
 
-def _notes(notes: Sequence[str]) -> str:
+def _notes(notes: Sequence[str], element_id: str = "notes") -> str:
     if not notes:
         return "<p>none</p>"
-    return '<ul id="notes">' + "".join(f'<li class="note">{_e(n)}</li>' for n in notes) + "</ul>"
+    return f'<ul id="{element_id}">' + "".join(f'<li class="note">{_e(n)}</li>' for n in notes) + "</ul>"
 
 
 def build_run_report(out: str | Path) -> Path:
@@ -602,6 +621,7 @@ def build_run_report(out: str | Path) -> Path:
         _data_table(stats),
         "<h2>Cross-validation summary</h2>",
         _summary_table(summary),
+        _notes((summary or {}).get("notes") or [], "summary-notes") if (summary or {}).get("notes") else "",
         *sections,
         "<h2>Folds</h2>",
         fold_html,

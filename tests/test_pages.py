@@ -190,3 +190,11 @@ def test_reliability_bins_include_probability_one_and_ece():
 def test_svg_breaks_lines_at_missing_values_and_escapes_names():
     svg = svg_chart([{"name": "a<b", "x": [1, 2, 3, 4], "y": [1, None, 2, 3]}], title="t&", xlabel="x", ylabel="y", chart_id="c")
     assert svg.count('data-series="a&lt;b"') == 2 and "t&amp;" in svg
+
+
+def test_wall_time_from_the_log_of_the_last_run():
+    from e1min.pages import _log_wall_time
+
+    log = "10:00:00 e1min train: a\n10:05:00 x\n23:59:00 e1min train: b\n23:59:30 fold 1\nnot a stamp\n00:01:00 report: r\n"
+    assert _log_wall_time(log) == 120.0
+    assert _log_wall_time("no run here\n") is None
