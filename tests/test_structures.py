@@ -179,3 +179,18 @@ def test_pymol_runs_the_script_when_installed(tmp_path):
     assert out.returncode == 0 and "Error" not in text, text
     assert float(re.search(r"B105A ([\d.]+)", text).group(1)) == pytest.approx(100 * probs["prot1", "ZN"][5], abs=0.006)
     assert int(re.search(r"STICKS (\d+)", text).group(1)) > 0
+
+
+def test_every_matching_chain_of_a_homodimer_is_painted(tmp_path):
+    lines = (FIXTURES / "prot1.pdb").read_text().splitlines()
+    chain_a = [ln for ln in lines if ln.startswith(("ATOM", "HETATM")) and ln[21] == "A" and ln[17:20] not in ("ZN ", "HOH", " ZN")]
+    copy = [ln[:21] + "C" + ln[22:] for ln in chain_a]
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s/prot1.pdb").write_text("\n".join([ln for ln in lines if ln != "END"] + copy + ["TER", "END"]) + "\n")
+    probs = write_predictions(tmp_path / "pred.tsv", ["prot1"])
+    rows = paint_structures(tmp_path / "pred.tsv", tmp_path / "s", tmp_path / "out")
+    assert rows[0]["chains"] == "A,C" and rows[0]["painted_residues"] == 2 * len(POSITIONS)
+    for chain in ("A", "C"):
+        b = chain_b(tmp_path / "out/prot1_ZN.pdb", chain)
+        assert [b[r][0] for r in RESI] == pytest.approx([100 * probs["prot1", "ZN"][p - 1] for p in POSITIONS], abs=0.006)
+    assert "#1/C:" in (tmp_path / "out/prot1_ZN.cxc").read_text()
