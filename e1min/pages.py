@@ -37,7 +37,7 @@ table{border-collapse:collapse;margin:6px 0 10px;font-size:.9em}td,th{border:1px
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
 .meta td{text-align:left}.figs{display:flex;flex-wrap:wrap;gap:8px}.figs svg{border:1px solid #e3e3e3;background:#fff}
 .note{color:#8a4b00}.small{font-size:.85em;color:#555}pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:.85em}
-code{background:#f2f2f2;padding:0 3px}
+code{background:#f2f2f2;padding:0 3px}table.worst td:last-child,table.worst th:last-child{text-align:left}
 """
 
 
@@ -769,7 +769,7 @@ def _worst_proteins(
             for q in r["positives"]
         )
         body.append(
-            f'<tr data-id="{_e(r["id"])}"><td>{_e(r["id"])}</td><td>{r["length"]}</td><td>{r["auprc"]:.3f}</td><td style="text-align:left">{_e(sites)}</td></tr>'
+            f'<tr data-id="{_e(r["id"])}"><td>{_e(r["id"])}</td><td>{r["length"]}</td><td>{r["auprc"]:.3f}</td><td>{_e(sites)}</td></tr>'
         )
     return (
         f'<table class="worst" data-ion="{_e(ion)}"><tr><th>protein</th><th>length</th><th>AUPRC</th><th>positives: residue, position (probability; * = called)</th></tr>{"".join(body)}</table>',
