@@ -16,7 +16,7 @@ PYTHON     ?= python3
 TORCH_SPEC ?= torch==2.13.0
 # Separate virtualenvs for the two torch modes, so one never silently reuses the other's torch.
 VENV       ?= $(if $(TORCH_SPEC),.venv,.venv-system)
-EXTRAS     ?= test,plot
+EXTRAS     ?= test,plot,structure
 NGPU       ?= 1
 CONFIG     ?= configs/demo.yaml
 ARGS       ?=

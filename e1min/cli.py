@@ -54,16 +54,19 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    from e1min.pages import build_run_report
     from e1min.report import report_run
     from e1min.run import RunLock
 
     out = Path(args.run_dir)
     with RunLock(out):
         summary = report_run(out)
+        page = build_run_report(out)
     if summary is None:
         print(f"{out}: no complete fold with out-of-fold predictions yet", file=sys.stderr)
-        return 0
-    print((out / "summary.md").read_text())
+    else:
+        print((out / "summary.md").read_text())
+    print(f"report: {page}", file=sys.stderr)
     return 0
 
 
@@ -185,6 +188,14 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     _add_model_inputs(p)
     p.add_argument("--out", default=None, help="output file (default predictions.tsv, or predictions.jsonl with --format jsonl)")
     p.add_argument("--format", default=None, choices=["tsv", "jsonl"], help="default: from --out's extension (.jsonl -> jsonl), else tsv")
+    p.add_argument(
+        "--structures", default=None, metavar="DIR", help="paint predictions on structures DIR/{id}.pdb|.cif[.gz] (AlphaFold/PDB names)"
+    )
+    p.add_argument("--out-structures", default=None, metavar="OUT", help="directory for painted structures and ChimeraX/PyMOL scripts")
+    p.add_argument(
+        "--structure-pattern", default=None, help="structure file name under --structures, e.g. '{id}_relaxed.pdb' (glob allowed)"
+    )
+    p.add_argument("--min-identity", type=float, default=0.9, help="least sequence identity of a chain to be painted (default 0.9)")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -194,6 +205,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     fmt = output_format(args.out or "", args.format)
     out = check_output_file(args.out or f"predictions.{fmt}", [args.fasta])
+    if args.structures or args.out_structures:
+        _check_structure_args(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ctx = init_distributed(timeout_s=float(os.environ.get("E1MIN_PREDICT_TIMEOUT", 24 * 3600)), device=args.device) if world > 1 else None
     with ctx.session() if ctx is not None else contextlib.nullcontext():
@@ -222,7 +235,40 @@ def _run_predict(args: argparse.Namespace) -> int:
                 f"{stats['residues_per_s']:.0f} residues/s",
                 file=sys.stderr,
             )
+            if args.structures:
+                _paint(args, out)
     return 0
+
+
+def _check_structure_args(args: argparse.Namespace) -> None:
+    from e1min.io import check_output_dir
+    from e1min.predictor import PredictError
+    from e1min.structures import require_gemmi
+
+    if not (args.structures and args.out_structures):
+        raise PredictError("--structures and --out-structures go together")
+    if not Path(args.structures).is_dir():
+        raise PredictError(f"--structures {args.structures}: not a directory")
+    if not 0 <= args.min_identity <= 1:
+        raise PredictError(f"--min-identity must be in [0, 1], got {args.min_identity}")
+    if Path(args.out_structures).resolve() == Path(args.structures).resolve():
+        raise PredictError(f"--out-structures {args.out_structures}: is the --structures directory; give another one")
+    check_output_dir(args.out_structures, [args.fasta], what="--out-structures")
+    require_gemmi()
+
+
+def _paint(args: argparse.Namespace, predictions: Path) -> None:
+    from e1min.structures import paint_structures
+
+    rows = paint_structures(predictions, args.structures, args.out_structures, args.structure_pattern, args.min_identity)
+    for r in rows:
+        if r["status"] != "painted":
+            print(f"structure of {r['id']} ({r['ion']}): skipped: {r['message']}", file=sys.stderr)
+    painted = sorted({r["id"] for r in rows if r["status"] == "painted"})
+    print(
+        f"painted {len(painted)} of {len({r['id'] for r in rows})} protein(s) in {args.out_structures} (structures.tsv lists each)",
+        file=sys.stderr,
+    )
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -270,7 +316,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         homology=homology,
     )
     print(evaluation_table(report["ions"]))
-    print(f"wrote {Path(args.out_dir) / 'evaluation.json'}, evaluation.md, predictions.tsv and curves", file=sys.stderr)
+    print(f"wrote {Path(args.out_dir) / 'evaluation.html'}, evaluation.json, evaluation.md, predictions.tsv and curves", file=sys.stderr)
     return 0
 
 

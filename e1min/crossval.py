@@ -24,6 +24,7 @@ from e1min.data.msa import ContextProvider
 from e1min.dist import DistContext, init_distributed
 from e1min.errors import E1minError
 from e1min.io import atomic_write_json, atomic_write_text
+from e1min.pages import build_run_report
 from e1min.recipe import Recipe
 from e1min.report import report_run
 from e1min.run import STATE_NAMES, RunDir, RunLock, RunLockError, RunStateError, remove_temporaries
@@ -68,6 +69,10 @@ def prepare_run(cfg: Recipe | dict, ctx: DistContext, out: Path) -> RunData:
         if ctx.any(error is not None, "identity_folds"):
             raise error or DataError(f"{folds_file}: rank 0 could not assign identity-grouped folds")
     stats = {ion: ion_stats(recs) for ion, recs in records.items()}
+    provider = ContextProvider(d.msa_dir) if d.msa_dir else None
+    if provider is not None:  # for the report: the share of proteins that have an MSA file
+        for ion, recs in records.items():
+            stats[ion]["msa_coverage"] = sum(provider.find(ion, r.id) is not None for r in recs) / max(len(recs), 1)
     if ctx.is_main:
         atomic_write_text(out / "config.yaml", cfg.dump_yaml())
         if not folds_file.exists():
@@ -89,7 +94,6 @@ def prepare_run(cfg: Recipe | dict, ctx: DistContext, out: Path) -> RunData:
     ctx.barrier("prepare_run")
     if not assignment:
         assignment, _ = load_folds(folds_file)
-    provider = ContextProvider(d.msa_dir) if d.msa_dir else None
     return RunData(
         records=records,
         assignment=assignment,
@@ -193,6 +197,7 @@ def run_cross_validation(
         summary = report_run(run.root, cfg, only_missing_plots=True)
         if summary:
             log.info("\n%s", (run.root / "summary.md").read_text())
+        log.info("report: %s", build_run_report(run.root).resolve())
     ctx.barrier("run_end")
     return summary
 

@@ -16,10 +16,11 @@ from e1min.data.msa import ContextProvider
 from e1min.io import atomic_path, atomic_write_json, atomic_write_text, json_safe
 from e1min.metrics import best_threshold, binary_metrics, confusion_at, precision_recall_curve, roc_curve
 from e1min.outputs import DEFAULT_CHUNK, Progress, predict_stream, write_predictions
+from e1min.pages import build_evaluation_page
 from e1min.plotting import pyplot
 from e1min.predictor import DEFAULT_MAX_TOKENS, PredictError, Predictor
 
-EVALUATION_FILES = ("predictions.tsv", "evaluation.json", "evaluation.md")
+EVALUATION_FILES = ("predictions.tsv", "evaluation.json", "evaluation.md", "evaluation.html")
 
 
 def _at(y: np.ndarray, p: np.ndarray, t: float | None) -> dict[str, Any]:
@@ -205,4 +206,5 @@ def evaluate_records(
     if homology is not None:
         md += ["", format_leakage(homology)]
     atomic_write_text(out_dir / "evaluation.md", "\n".join(md))
+    build_evaluation_page(out_dir)
     return report

@@ -22,6 +22,7 @@ USER_ERRORS = [
     ("e1min.run", "RunLockError", RuntimeError),
     ("e1min.run", "RunStateError", ValueError),
     ("e1min.metrics", "MetricsError", ValueError),
+    ("e1min.structures", "StructureError", ValueError),
 ]
 
 

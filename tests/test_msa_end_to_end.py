@@ -8,6 +8,7 @@ float32 in training (``training.bf16: false``) and prediction (``--no-bf16``) so
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -75,6 +76,8 @@ def test_context_reaches_the_model_and_predict_reproduces_oof(tmp_path, tiny_che
     )
     assert train_main(["--config", str(cfg)]) == 0
     out = tmp_path / "out"
+    assert json.loads((out / "data_stats.json").read_text())["ions"]["ZN"]["msa_coverage"] == 1.0  # shown in report.html
+    assert "<td>100.0%</td>" in (out / "report.html").read_text()
 
     oof = {}
     with open(out / "fold_1/oof_predictions.tsv", newline="") as fh:

@@ -56,6 +56,9 @@ def test_fold_without_positives_warns_stays_loadable_and_summary_names_it(tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert any("fold 1, CA: metrics undefined" in n for n in summary["notes"])
     assert "Notes:" in (out / "summary.md").read_text()
+    page = (out / "report.html").read_text()  # the run's page says so too
+    assert "fold 1, CA: metrics undefined" in page and "no out-of-fold predictions for this ion yet" not in page
+    assert "fold 2: not trained (no fold_2/)" in page  # folds: [1] in this recipe
     parse_every_json(out)  # strict JSON even with undefined metrics
 
 
