@@ -75,7 +75,7 @@ train: $(STAMP) $(if $(findstring demo,$(CONFIG)),$(DEMO_DIR)/.done)
 
 # Installs nothing and needs no network: the machine's own python3 and torch (e.g. a lent GPU box).
 gpu-check:
-	PYTHONPATH=. $(PYTHON) tools/gpu_check.py $(ARGS)
+	PYTHONPATH=. $(PYTHON) tools/gpu_check.py$(if $(ARGS), $(ARGS))
 
 bench: $(STAMP) $(DEMO_DIR)/.done
 	$(PY) tools/bench_model.py

@@ -1,5 +1,6 @@
 """The Makefile never replaces a box's own torch: what `make install` would run in each mode (make -n)."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -7,12 +8,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Under `make test` the parent make's flags would reach the child make (and print its directory changes).
+ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
 
 
 def planned(*args: str) -> str:
     if shutil.which("make") is None:
         pytest.fail("make is not installed")
-    r = subprocess.run(["make", "-n", "-B", "install", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["make", "-n", "-B", "install", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env=ENV)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -38,5 +41,5 @@ def test_no_venv_installs_e1min_only_into_the_given_python():
 
 
 def test_gpu_check_installs_nothing():
-    r = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stdout.strip() == "PYTHONPATH=. python3 tools/gpu_check.py"
+    r = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=ENV)
+    assert r.returncode == 0 and r.stdout.strip() == "PYTHONPATH=. python3 tools/gpu_check.py", r.stdout
