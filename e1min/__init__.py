@@ -6,6 +6,7 @@ Importing e1min has no side effects: no logging setup, no threads, no downloads.
 __version__ = "0.1.0"  # first: modules below read it (checkpoint metadata)
 
 from e1min.adapters import load_adapter, save_adapter
+from e1min.compile import compile_model
 from e1min.config import E1Config
 from e1min.errors import E1minError
 from e1min.heads import BindingModel
@@ -34,4 +35,5 @@ __all__ = [
     "load_predictor",
     "Predictor",
     "E1minError",
+    "compile_model",
 ]

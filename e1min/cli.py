@@ -96,6 +96,9 @@ def _add_inputs(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
         help="float32 matmuls: highest (exact, default), high/medium (TF32 on GPUs, reduced-precision float32 on CPUs that have it)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the decoder layers (e1min.compile_model): pays off on many proteins"
+    )
 
 
 def _add_model_inputs(p: argparse.ArgumentParser) -> None:
@@ -153,6 +156,10 @@ def _load_for_prediction(args: argparse.Namespace, device: torch.device | None =
         dtype=getattr(torch, args.dtype),
         precision=_precision(args),
     )
+    if args.compile:
+        from e1min.compile import compile_model
+
+        compile_model(predictor.model)
     ions = predictor._check_ions([i.strip() for i in args.ions.split(",") if i.strip()] if args.ions else None)
     max_len = MAX_POSITIONS_WITHIN_SEQ - SPECIALS_PER_SEQUENCE if predictor.max_query_length is None else None
     records, skipped = read_input_fasta(args.fasta, args.skip_invalid, require_labels=require_labels, max_length=max_len)
@@ -367,6 +374,10 @@ def _run_embed(args: argparse.Namespace) -> int:
         raise DataError(f"{args.fasta}: file not found")
     check_output_dir(args.out, [args.fasta], ["index.json"], what="--out")
     backbone, info = load_backbone(args.checkpoint, args.fold, args.base_model, args.device, getattr(torch, args.dtype))
+    if args.compile:
+        from e1min.compile import compile_model
+
+        compile_model(backbone)
     max_len = args.max_length or info.get("max_query_length") or 1022
     records, skipped = read_input_fasta(args.fasta, args.skip_invalid)
     if skipped:

@@ -129,15 +129,18 @@ class LoRALinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
-            return self._forward_autograd(x, p)  # an unfrozen base (not e1min's use): plain autograd
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad) or torch.compiler.is_compiling():
+            # An unfrozen base (not e1min's use), or torch.compile tracing: plain autograd ops (inductor fuses them)
+            return self._forward_autograd(x, p)
         return _LoRAFunction.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, p)
 
     def _forward_autograd(self, x: torch.Tensor, p: float) -> torch.Tensor:
         """The reference formula in plain autograd ops (also the fused path's test oracle)."""
         out = F.linear(x, self.weight, self.bias)
         h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
-        if p > 0:
+        if p > 0 and torch.compiler.is_compiling():
+            h = h * (torch.rand_like(h, dtype=torch.float32) >= p) / (1.0 - p)  # inductor's own fused random numbers
+        elif p > 0:
             h = h * dropout_mask(h, p) / dropout_keep_probability(p)
         delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
         # With B = 0 the update is exactly zero and out + 0 == out bit for bit.

@@ -65,9 +65,9 @@ def clip_rope(x: torch.Tensor, c: float | None, cos: torch.Tensor | None, sin: t
     The forward is the textbook formula op for op; with grad, one autograd node whose backward is
     ``g * cos - rotate_half(g * sin)`` zeroed where ``x`` was clipped.
     """
-    if x.requires_grad and torch.is_grad_enabled():
+    if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         return _ClipRope.apply(x, c, cos, sin)
-    return _clip_rope_forward(x, c, cos, sin)
+    return _clip_rope_forward(x, c, cos, sin)  # also what torch.compile traces: inductor fuses it and derives the backward
 
 
 def _clip_rope_forward(x, c, cos, sin):
@@ -128,6 +128,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.out(attend(*self.qkv(x, cos, sin), mask))  # grouped-query heads are shared inside the kernel
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, H, L, D) queries and (B, H_kv, L, D) keys and values: projected, clipped, RoPE applied."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
@@ -136,7 +140,10 @@ class Attention(nn.Module):
         q, k = clip_rope(q, self.clip_qkv, cos, sin), clip_rope(k, self.clip_qkv, cos, sin)
         if self.clip_qkv is not None:
             v = clip(v, self.clip_qkv)
-        a = attend(q, k, v, mask)  # grouped-query heads (n_kv < n_heads) are shared inside the kernel
+        return q, k, v
+
+    def out(self, a: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = a.shape
         return self.o_proj(a.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -163,7 +170,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.w1(x), self.w3(x)
-        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad) and not torch.compiler.is_compiling():
             return self.w2(_SiluGate.apply(a, b))
         return self.w2(F.silu(a) * b)
 
@@ -175,15 +182,28 @@ class FFN(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Two tensor-only regions around the attention kernel; ``e1min.compile_model`` compiles the regions."""
+
     def __init__(self, config: E1Config, is_global: bool):
         super().__init__()
         self.is_global = is_global
         self.norm_attn_norm = NormAttentionNorm(config)
         self.ffn = FFN(config)
+        self.regions = None  # (attention_inputs, attention_output) compiled by e1min.compile_model, shared by all layers
 
     def forward(self, h, cos, sin, mask) -> torch.Tensor:
-        h, x = self.norm_attn_norm(h, cos, sin, mask)
-        return h + self.ffn.mlp(x)
+        before, after = self.regions or (DecoderLayer.attention_inputs, DecoderLayer.attention_output)
+        q, k, v = before(self, h, cos, sin)
+        return after(self, h, attend(q, k, v, mask))
+
+    def attention_inputs(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input norm, q/k/v projections (LoRA), clip + RoPE."""
+        return self.norm_attn_norm.self_attn.qkv(self.norm_attn_norm.input_layernorm(h), cos, sin)
+
+    def attention_output(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """o_proj and the residual, the post-attention norm, the gated MLP and its residual."""
+        h = h + self.norm_attn_norm.self_attn.out(a)
+        return h + self.ffn.mlp(self.norm_attn_norm.post_attention_layernorm(h))
 
 
 class E1Model(nn.Module):

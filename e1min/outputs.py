@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from e1min.compile import is_compiled
 from e1min.data.batching import shard_eval
 from e1min.data.dataset import make_eval_examples, stitch_predictions
 from e1min.data.fasta import Record
@@ -324,7 +325,7 @@ def embed_file(
         "pooling": "mean over query residues of the final-norm hidden states",
         "keys": "{id} in embeddings-*.safetensors (mean, hidden_size); {id} in residues-*.safetensors (per residue, L x hidden_size)",
         "model": info or {},
-        "runtime": describe(device, precision),
+        "runtime": describe(device, precision, compiled=is_compiled(backbone)),
         "proteins": len(index),
         "shards": shards,
         "index": index,

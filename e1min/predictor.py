@@ -80,7 +80,9 @@ class Predictor:
     @property
     def runtime(self) -> dict[str, str]:
         """What runs: precision, device, float32 matmul precision (for logs and evaluation.json)."""
-        return describe(self.device, self.precision)
+        from e1min.compile import is_compiled
+
+        return describe(self.device, self.precision, compiled=is_compiled(self.model))
 
     # -- properties from checkpoint.json -------------------------------------------------------
     @property

@@ -93,6 +93,9 @@ class Model:
     )
     dtype: str = opt("float32", "dtype of the frozen base weights (LoRA, heads, optimiser stay float32)", choices=("float32", "bfloat16"))
     gradient_checkpointing: bool = opt(False, "recompute backbone activations in backward (less memory, slower)")
+    compile: bool = opt(
+        False, "torch.compile each decoder layer's elementwise work (e1min.compile_model); a one-off compile of tens of seconds"
+    )
     matmul_precision: str = opt(
         "highest", "float32 matmul precision (torch.set_float32_matmul_precision)", choices=("highest", "high", "medium")
     )

@@ -122,12 +122,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def describe(device: torch.device, precision: str) -> dict[str, str | float]:
+def describe(device: torch.device, precision: str, compiled: bool = False) -> dict[str, str | float | bool]:
     """What ran, for checkpoint.json / evaluation.json / log lines; on CUDA also the GPU and its peak memory so far."""
-    out: dict[str, str | float] = {
+    out: dict[str, str | float | bool] = {
         "precision": str(precision),
         "device": str(device),
         "matmul_precision": torch.get_float32_matmul_precision(),
+        "compiled": bool(compiled),  # decoder layers compiled (e1min.compile_model)
     }
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)

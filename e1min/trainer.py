@@ -21,6 +21,7 @@ import torch
 
 from e1min import metrics
 from e1min.checkpoint import load_state, save_state, state_dir
+from e1min.compile import compile_model, graph_count
 from e1min.data.batching import fixed_size_batches, interleave, padding_fraction, shard, token_budget_batches
 from e1min.data.collate import MaskingConfig, collate
 from e1min.data.dataset import Example, make_eval_examples, make_train_examples, pos_weight
@@ -67,6 +68,8 @@ def build_model(cfg: Recipe | dict, ctx: DistContext) -> BindingModel:
     torch.manual_seed(cfg.general.seed)  # identical LoRA init on every rank (also broadcast below)
     apply_lora(backbone, **cfg.lora.apply_kwargs())
     backbone.set_gradient_checkpointing(m.gradient_checkpointing)
+    if m.compile:
+        compile_model(backbone)
     model = BindingModel(backbone, list(cfg.training.ions), head_dropout=m.head_dropout)
     model.heads.to(ctx.device)
     return model
@@ -249,6 +252,8 @@ class FoldTrainer:
                 self.stop_mid_epoch(epoch, w + 1, n_windows, stats, tokens, time.time() - t0)
         ctx.all_reduce(stats, "sum", "train_loss_stats")
         seconds = time.time() - t0
+        if cfg.model.compile and ctx.is_main and epoch == 0:
+            log.info("compiled layers: %d graph(s) so far (bounded: batch of 1 or more, grad or not, first layer or not)", graph_count())
         return {
             "tokens_per_s": tokens * ctx.world_size / max(seconds, 1e-9),
             "peak_gpu_memory_gb": peak_gpu_memory_gb(ctx.device),
@@ -392,7 +397,7 @@ class FoldTrainer:
             "max_example_tokens": c.data.max_example_tokens,
             "validation_msa_sampling": self.data.val_sampling.__dict__,
             "metrics": {ion: _json_metrics(m) for ion, m in per_ion.items()},
-            "runtime": describe(self.ctx.device, self.precision),
+            "runtime": describe(self.ctx.device, self.precision, compiled=self.cfg.model.compile),
         }
 
 

@@ -44,12 +44,16 @@ def child(s: dict) -> dict:
     config = preset(s["preset"])
     device = torch.device(s.get("device", "cpu"))
     model = random_model(config, seed=0, dtype=getattr(torch, s["dtype"])).to(device)
+    if s.get("compile"):
+        from e1min.compile import compile_model
+
+        compile_model(model)
     seq = "".join("ACDEFGHIKLMNPQRSTVWY"[i % 20] for i in range(s["length"]))
     row = ",".join([seq] * (s["context"] + 1))
     batch = {k: v.to(device) for k, v in prepare_batch([row] * s["batch"]).items()}
     tokens = int((batch["sequence_ids"] >= 0).sum())
-    with torch.inference_mode():
-        sec = timed(lambda: model(**batch), s["repeats"], device=device)
+    with torch.no_grad():  # (not inference_mode: compiled graphs are the ones predict uses)
+        sec = timed(lambda: model(**batch), s["repeats"], warmup=2 if s.get("compile") else 1, device=device)
     flops = forward_flops(config, tokens, attention_pairs(model, batch["sequence_ids"]))
     return {
         **s,
@@ -67,6 +71,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtypes", nargs="+", default=None, help="default: float32, plus bfloat16 where the CPU has native bf16")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the memory column is then peak GPU memory)")
+    p.add_argument("--compile", action="store_true", help="each row also with compiled decoder layers, side by side")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -74,12 +79,13 @@ def main() -> None:
         return
     dtypes = a.dtypes or (["float32", "bfloat16"] if default_bf16_rows() else ["float32"])
     peaks = measure_peaks(a.device)
-    print(f"bench_model: {a.preset} forward (inference_mode), {machine_line(peaks, a.device)}")
+    print(f"bench_model: {a.preset} forward (no_grad), {machine_line(peaks, a.device)}")
     print("MFU: model FLOPs (2 x matmul weights x real tokens + attention pairs computed) / time / the dtype's measured matmul peak")
     rows = [
-        run_child(__file__, {**s, "dtype": d, "preset": a.preset, "device": a.device, "repeats": a.repeats, "peak": peaks[d]})
+        run_child(__file__, {**s, "dtype": d, "preset": a.preset, "device": a.device, "repeats": a.repeats, "peak": peaks[d], "compile": c})
         for d in dtypes
         for s in SETTINGS
+        for c in ((False, True) if a.compile else (False,))
     ]
     print_table(
         rows,
@@ -88,6 +94,7 @@ def main() -> None:
             ("batch", "batch", "d"),
             ("length", "length", "d"),
             ("context", "context seqs", "d"),
+            ("compile", "compiled", ""),
             ("tokens", "tokens", "d"),
             ("ms", "ms/forward", ".0f"),
             ("tok_s", "tokens/s", ".0f"),

@@ -63,6 +63,10 @@ def child(s: dict) -> dict:
     backbone = random_model(config, seed=0, dtype=base_dtype)
     apply_lora(backbone, r=16, alpha=32)
     backbone.set_gradient_checkpointing(s["ckpt"])
+    if s.get("compile"):
+        from e1min.compile import compile_model
+
+        compile_model(backbone)
     model = BindingModel(backbone, ["ZN"], head_dropout=0.3).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, 1e-4, 0.035)
@@ -115,6 +119,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="only the rows of these lengths")
     p.add_argument("--bf16", action="store_true", help="also the bf16 rows on a CPU without native bf16 (very slow)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the memory column is then peak GPU memory)")
+    p.add_argument("--compile", action="store_true", help="each row also with compiled decoder layers (e1min.compile_model), side by side")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -131,6 +136,9 @@ def main() -> None:
         print("bf16 rows skipped: no native bf16 on this CPU (emulated bf16 is far slower; --bf16 runs them anyway)")
     if a.lengths:
         settings = [s for s in settings if s["length"] in a.lengths]
+    if a.compile:  # warm-up steps then include the compile: the timed steps measure the compiled graphs
+        settings = [{**s, "compile": c} for s in settings for c in (False, True)]
+        a.warmup = max(a.warmup, 2)
     print(f"steps: median of {a.steps} timed step(s) after {a.warmup} warm-up step(s); LoRA dropout 0 (apply_lora default)")
     rows = []
     for s in settings:
@@ -146,6 +154,7 @@ def main() -> None:
             ("context", "context seqs", "d"),
             ("precision", "precision", ""),
             ("ckpt", "act. ckpt", ""),
+            ("compile", "compiled", ""),
             ("tokens", "tokens", "d"),
             ("s_step", "s/step", ".2f"),
             ("tok_s", "tokens/s", ".0f"),
