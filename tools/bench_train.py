@@ -38,6 +38,7 @@ SETTINGS = [
     {"batch": 2, "length": 256, "context": 0, "precision": "float32", "ckpt": True},
     {"batch": 2, "length": 300, "context": 0, "precision": "float32", "ckpt": False},
     {"batch": 2, "length": 300, "context": 0, "precision": "float32", "ckpt": True},
+    {"batch": 2, "length": 300, "context": 0, "precision": "bf16-base+autocast", "ckpt": False},
     {"batch": 8, "length": 256, "context": 0, "precision": "float32", "ckpt": False},
     {"batch": 8, "length": 256, "context": 0, "precision": "bf16-autocast", "ckpt": False},
     {"batch": 1, "length": 256, "context": 3, "precision": "float32", "ckpt": False},
