@@ -136,3 +136,21 @@ def test_compiled_forward_of_ids_only(model):
     compile_model(model)
     with torch.no_grad():
         torch.testing.assert_close(model(**ids(batch)).embeddings, eager.detach(), atol=1e-5, rtol=0)
+
+
+def test_predict_and_embed_with_compile(run_dir, query_fasta, tmp_path):
+    """--compile gives the eager probabilities (float32, 1e-5) and says so in what it writes."""
+    import numpy as np
+
+    from e1min.cli import main
+
+    plain, compiled = tmp_path / "plain.tsv", tmp_path / "compiled.tsv"
+    base = ["predict", "--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--quiet"]
+    assert main([*base, "--out", str(plain)]) == 0
+    assert main([*base, "--out", str(compiled), "--compile"]) == 0
+    a = np.loadtxt(plain, delimiter="\t", skiprows=1, usecols=4)
+    b = np.loadtxt(compiled, delimiter="\t", skiprows=1, usecols=4)
+    assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+    out = tmp_path / "emb"
+    assert main(["embed", "--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out", str(out), "--compile", "--quiet"]) == 0
+    assert json.loads((out / "index.json").read_text())["runtime"]["compiled"] is True
