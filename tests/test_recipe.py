@@ -35,6 +35,7 @@ TODAY = {
         "dropout": 0.3,
         "dtype": "float32",
         "gradient_checkpointing": False,
+        "compile": False,
         "matmul_precision": "highest",
     },
     "lora": {

@@ -93,7 +93,7 @@ def test_matmul_precision_is_explicit():
     before = torch.get_float32_matmul_precision()
     try:
         runtime.set_matmul_precision("high")
-        assert runtime.describe(CPU, "float32") == {"precision": "float32", "device": "cpu", "matmul_precision": "high"}
+        assert runtime.describe(CPU, "float32") == {"precision": "float32", "device": "cpu", "matmul_precision": "high", "compiled": False}
         with pytest.raises(ValueError, match="highest, high, medium"):
             runtime.set_matmul_precision("low")
     finally:
@@ -226,7 +226,8 @@ def test_describe_records_the_gpu_and_its_peak_memory(monkeypatch):
     from e1min.runtime import describe
 
     cpu = describe(torch.device("cpu"), "float32")
-    assert cpu == {"precision": "float32", "device": "cpu", "matmul_precision": torch.get_float32_matmul_precision()}
+    assert cpu == {"precision": "float32", "device": "cpu", "matmul_precision": torch.get_float32_matmul_precision(), "compiled": False}
+    assert describe(torch.device("cpu"), "bf16", compiled=True)["compiled"] is True
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 12_345_678_901)
     gpu = describe(torch.device("cuda:0"), "bf16")
