@@ -79,6 +79,10 @@ def child(s: dict) -> dict:
     backbone = random_model(config, seed=0, dtype=torch.bfloat16 if bf16 else torch.float32).to(device)
     backbone.set_attn_impl(s["impl"])
     backbone.set_gradient_checkpointing(s.get("ckpt", False))
+    if s.get("compile"):
+        from e1min.compile import compile_model
+
+        compile_model(backbone)
     batch = collate(make_examples(s["context"]), masking=MaskingConfig(0.15), seed=0, epoch=0)
     tokens = int((batch["sequence_ids"] >= 0).sum())
     pairs = attention_pairs(backbone, batch["sequence_ids"].to(device))
@@ -160,6 +164,7 @@ def main() -> None:
     )
     p.add_argument("--impls", nargs="+", default=["structured", "dense"], choices=["structured", "flex", "dense"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (structured = FlexAttention there)")
+    p.add_argument("--compile", action="store_true", help="each structured row also with compiled decoder layers, side by side")
     p.add_argument("--no-baseline", action="store_true", help="skip the 2 x 300 no-context rows (context 0)")
     p.add_argument("--modes", nargs="+", default=["train", "forward"], choices=["train", "forward"])
     p.add_argument("--forward-contexts", type=int, nargs="+", default=None, help="context sizes of forward rows (default: --contexts)")
@@ -209,6 +214,13 @@ def main() -> None:
             # the plain step of the largest contexts does not fit in RAM: compare malloc settings with checkpointing
             ckpt = context >= a.malloc_ckpt_from
             jobs.append(({"mode": "train", "precision": "float32", "impl": "structured", "ckpt": ckpt, "context": context}, env_mmap))
+    if a.compile:  # compiled twins of the structured rows (two warm-up iterations: the compile happens there)
+        jobs = [
+            j
+            for setting, env in jobs
+            for j in ([(setting, env)] + ([({**setting, "compile": True}, env)] if setting["impl"] == "structured" else []))
+        ]
+        a.warmup = max(a.warmup, 2)
     rows = []
     for setting, env in jobs:
         malloc = "default" if env is None else f"mmap_thr={a.mmap_threshold}"
@@ -235,6 +247,7 @@ def main() -> None:
             ("precision", "precision", ""),
             ("impl", "attention", ""),
             ("ckpt", "act. ckpt", ""),
+            ("compile", "compiled", ""),
             ("malloc", "malloc", ""),
             ("context", "context seqs", "d"),
             ("rows", "rows", "d"),

@@ -59,7 +59,8 @@ def e1jax_child(s: dict) -> dict:
     forward = eqx.filter_jit(lambda m, t: m(**t._asdict()))
     sec = timed(lambda: jax.block_until_ready(forward(model, tokens)), s["repeats"], warmup=2)
     n = len(tokens.tokens)
-    return {**s, "dtype": "float32 (e1jax)", "tokens": n, "tok_s": n / sec, "ms": sec * 1000, "rss_mb": peak_rss_mb(), "mfu": float("nan")}
+    row = {**s, "dtype": "float32 (e1jax)", "compile": "jax.jit", "tokens": n, "tok_s": n / sec, "ms": sec * 1000}
+    return {**row, "rss_mb": peak_rss_mb(), "mfu": float("nan")}
 
 
 def child(s: dict) -> dict:

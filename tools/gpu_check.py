@@ -364,6 +364,22 @@ def phase_speed(r: Report, device: torch.device, name: str, peak_tflops: float) 
         r.check("speed", "flex_over_dense_tokens_per_s", ratio, ratio >= 2.5, ">= 2.5x", t0, target=True)
     if plain:
         r.add("speed", "plain_step_mfu", "PASS" if gpu_target else "WARN", plain[1], "reported", 0)
+    # Compiled decoder layers (e1min.compile_model) against the same eager rows: target >= 1.3x.
+    if device.type == "cuda":
+        from e1min.compile import compile_model, graph_count, uncompile_model
+
+        compile_model(backbone)
+        c_plain = train_row("train_2x300_compiled", examples(2, 300, 0, 0), "structured", False)
+        c_flex = train_row(f"train_300+{ctx_rows}ctx_{fast}_compiled", examples(1, 300, ctx_rows, 132), "structured", False)
+        uncompile_model(backbone)
+        t0 = time.time()
+        for label, eager, comp in (("2x300", plain, c_plain), (f"300+{ctx_rows}ctx", flex, c_flex)):
+            if eager and comp:
+                ratio = comp[0] / eager[0]
+                r.check("speed", f"compiled_over_eager_{label}", ratio, ratio >= 1.3, ">= 1.3x tokens/s", t0, target=True)
+        r.add("speed", "compiled_graphs", "PASS", graph_count(), "per region: batch 1 or more, grad or not, first layer or not", 0)
+    else:
+        r.add("speed", "compiled_rows", "WARN", "skipped in the dry run (GPU rows; tests/test_compile.py covers the CPU)", "", 0)
     # Validation forward: a 1024-residue query with 12288 tokens of context, no grad.
     t0 = time.time()
     backbone.set_gradient_checkpointing(False)
