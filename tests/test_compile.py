@@ -154,3 +154,7 @@ def test_predict_and_embed_with_compile(run_dir, query_fasta, tmp_path):
     out = tmp_path / "emb"
     assert main(["embed", "--checkpoint", str(run_dir), "--fasta", str(query_fasta), "--out", str(out), "--compile", "--quiet"]) == 0
     assert json.loads((out / "index.json").read_text())["runtime"]["compiled"] is True
+    labelled = run_dir.parent / "data" / "ZN_train.fasta"  # build_run's training data
+    ev = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(run_dir), "--fasta", str(labelled), "--out-dir", str(ev), "--compile", "--quiet"]) == 0
+    assert json.loads((ev / "evaluation.json").read_text())["runtime"]["compiled"] is True
