@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from e1min.errors import E1minError
+from e1min.runtime import strict_recompiles
 
 try:
     from torch.nn.attention.flex_attention import BlockMask
@@ -259,6 +260,7 @@ def compiled_flex():
     """FlexAttention compiled once per process with dynamic shapes (uncompiled flex is a slow reference)."""
     global _compiled_flex
     if _compiled_flex is None:
+        strict_recompiles(FLEX_RECOMPILE_LIMIT)
         _compiled_flex = torch.compile(_flex_attention, dynamic=True)
     return _compiled_flex
 
@@ -277,13 +279,17 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "BlockMask") 
         raise AttentionError("attn_impl 'flex' has no backward on the CPU in torch; train on the CPU with 'structured' (the default)")
     b = q.shape[0]
     if q.device.type == "cpu":
-        # Inductor's CPU flex kernel (torch 2.13) fails to build for some layouts and for a batch of 1: give it
-        # contiguous (B, H, L, D) inputs, padded to the mask's padding rows (see layer_masks). Inference only.
+        # Inductor's CPU flex kernel (torch 2.13) fails to build (C++ codegen) for a batch of 1, for transposed
+        # inputs, and when a size equals another one (a batch of 4 with 4 heads: "duck shaping" gives both one
+        # symbol). So: contiguous (B, H, L, D) inputs, padded to the mask's padding rows (see layer_masks), and no
+        # duck shaping (process-wide; it only means fewer shared size symbols). Inference only.
+        import torch.fx.experimental._config as fx_config
+
+        fx_config.use_duck_shape = False
         pad = (0, 0, 0, 0, 0, 0, 0, mask.kv_num_blocks.shape[0] - b)
         q, k, v = (F.pad(t, pad).contiguous() for t in (q, k, v))
     try:
-        with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-            out = compiled_flex()(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        out = compiled_flex()(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     except Exception as e:
         if type(e).__name__ == "FailOnRecompileLimitHit":
             raise AttentionError(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from e1min.errors import E1minError
+from e1min.runtime import strict_recompiles
 
 log = logging.getLogger("e1min")
 
@@ -41,8 +42,7 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 def _guarded(compiled, name: str):
     def call(*args):
         try:
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-                return compiled(*args)
+            return compiled(*args)
         except Exception as e:
             if type(e).__name__ == "FailOnRecompileLimitHit":
                 raise CompileError(
@@ -59,6 +59,7 @@ def compiled_regions() -> tuple:
     if _regions is None:
         from e1min.model import DecoderLayer
 
+        strict_recompiles(RECOMPILE_LIMIT)
         _regions = (
             _guarded(torch.compile(DecoderLayer.attention_inputs, dynamic=True), "attention_inputs"),
             _guarded(torch.compile(DecoderLayer.attention_output, dynamic=True), "attention_output"),

@@ -257,6 +257,15 @@ def train_run(
             return summary
         finally:
             lock.release()
+            close_run_log()
+
+
+def close_run_log() -> None:
+    """Detach and close the run's training.log handler: later messages of this process belong to no run."""
+    for h in list(log.handlers):
+        if isinstance(h, logging.FileHandler):
+            log.removeHandler(h)
+            h.close()
 
 
 def setup_logging(out: Path, is_main: bool) -> None:

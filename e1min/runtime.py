@@ -143,6 +143,17 @@ def peak_gpu_memory_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
 
 
+def strict_recompiles(limit: int) -> None:
+    """torch.compile, process-wide: at least ``limit`` graphs per function, and hitting the limit raises instead of
+    silently running the function uncompiled. Set once, not per call: a config patch around every call costs
+    milliseconds."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, limit)
+    cfg.fail_on_recompile_limit_hit = True
+
+
 def _note_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)

@@ -157,6 +157,8 @@ class FoldTrainer:
             epoch = self.state.epoch
             train_stats = self.train_epoch(epoch)
             val = self.validate()
+            if self.cfg.model.compile:
+                self._log_graphs(epoch)
             self.end_epoch(epoch, train_stats, val)
             if self.ctx.any(self.state.bad_epochs >= t.early_stop_patience, "early_stop"):
                 log.info("fold %d: early stop after epoch %d (best epoch %d)", self.fold + 1, epoch + 1, self.state.best_epoch + 1)
@@ -252,8 +254,6 @@ class FoldTrainer:
                 self.stop_mid_epoch(epoch, w + 1, n_windows, stats, tokens, time.time() - t0)
         ctx.all_reduce(stats, "sum", "train_loss_stats")
         seconds = time.time() - t0
-        if cfg.model.compile and ctx.is_main and epoch == 0:
-            log.info("compiled layers: %d graph(s) so far (bounded: batch of 1 or more, grad or not, first layer or not)", graph_count())
         return {
             "tokens_per_s": tokens * ctx.world_size / max(seconds, 1e-9),
             "peak_gpu_memory_gb": peak_gpu_memory_gb(ctx.device),
@@ -263,6 +263,13 @@ class FoldTrainer:
             "seconds": seconds,
             "comm_bytes_per_step": self.comm_bytes,
         }
+
+    def _log_graphs(self, epoch: int) -> None:
+        """The compiled layers' graph count, whenever an epoch (training + validation) added graphs."""
+        n = graph_count()
+        if n != getattr(self, "_graphs", 0) and self.ctx.is_main:
+            log.info("fold %d epoch %d: compiled layers hold %d graph(s) (training and validation shapes)", self.fold + 1, epoch + 1, n)
+        self._graphs = n
 
     def stop_agreed(self) -> bool:
         """True on every rank once any rank got a stop signal (one tiny all-reduce; none without a ``stop``)."""
