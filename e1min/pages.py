@@ -289,6 +289,17 @@ def _e(s: Any) -> str:
     return html.escape(str(s))
 
 
+def _pooled_and_groups(curves: dict[str, Any], x: str, y: str, metric: str) -> list[dict[str, Any]]:
+    """svg_chart series: the pooled curve (thick) and each group's (thin), each labelled with its ``metric``."""
+
+    def series(name: str, v: dict[str, Any], width: float, color: str) -> dict[str, Any]:
+        label = f"{name} ({metric.upper()} {_f(v[metric])})"
+        return {"name": name, "x": v[x], "y": v[y], "width": width, "color": color, "legend_label": label}
+
+    groups = [series(f"{g}", v, 0.9, _group_color(g, i)) for i, (g, v) in enumerate(curves["groups"].items())]
+    return [series("pooled", curves["pooled"], 2.4, PALETTE[0]), *groups]
+
+
 def ion_panels(
     ion: str, y: np.ndarray, p: np.ndarray, groups: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float | None, threshold_label: str
 ) -> tuple[str, dict[str, Any]]:
@@ -301,32 +312,10 @@ def ion_panels(
     data["at_threshold"] = at_threshold(y, p, threshold)
     data["threshold_curve"] = threshold_data(y, p)
     at = data["at_threshold"]
-    thin_series = [
-        {
-            "name": f"{g}",
-            "x": v["recall"],
-            "y": v["precision"],
-            "width": 0.9,
-            "color": _group_color(g, i),
-            "legend_label": f"{g} (AUPRC {_f(v['auprc'])})",
-        }
-        for i, (g, v) in enumerate(data["pr"]["groups"].items())
-    ]
-    pooled = data["pr"]["pooled"]
     mark = [{"x": at["recall"], "y": at["precision"], "label": f"{threshold_label} {at['threshold']:.3g}", "color": "#000"}] if at else []
     figs = [
         svg_chart(
-            [
-                {
-                    "name": "pooled",
-                    "x": pooled["recall"],
-                    "y": pooled["precision"],
-                    "width": 2.4,
-                    "color": PALETTE[0],
-                    "legend_label": f"pooled (AUPRC {_f(pooled['auprc'])})",
-                },
-                *thin_series,
-            ],
+            _pooled_and_groups(data["pr"], "recall", "precision", "auprc"),
             title=f"{ion}: precision-recall",
             xlabel="recall",
             ylabel="precision",
@@ -337,31 +326,9 @@ def ion_panels(
             chart_id=f"pr-{ion}",
         )
     ]
-    roc = data["roc"]["pooled"]
-    thin_roc = [
-        {
-            "name": g,
-            "x": v["fpr"],
-            "y": v["tpr"],
-            "width": 0.9,
-            "color": _group_color(g, i),
-            "legend_label": f"{g} (AUROC {_f(v['auroc'])})",
-        }
-        for i, (g, v) in enumerate(data["roc"]["groups"].items())
-    ]
     figs.append(
         svg_chart(
-            [
-                {
-                    "name": "pooled",
-                    "x": roc["fpr"],
-                    "y": roc["tpr"],
-                    "width": 2.4,
-                    "color": PALETTE[0],
-                    "legend_label": f"pooled (AUROC {_f(roc['auroc'])})",
-                },
-                *thin_roc,
-            ],
+            _pooled_and_groups(data["roc"], "fpr", "tpr", "auroc"),
             title=f"{ion}: ROC",
             xlabel="false positive rate",
             ylabel="true positive rate",

@@ -140,6 +140,7 @@ class FoldTrainer:
         self.total_steps = steps_per_epoch * t.epochs
         self.warmup_steps = max(1, round(steps_per_epoch * t.warmup_epochs))
         self.comm_bytes = 0
+        self._graphs = 0  # compiled-layer graphs last logged
 
     @property
     def bf16(self) -> bool:
@@ -267,7 +268,7 @@ class FoldTrainer:
     def _log_graphs(self, epoch: int) -> None:
         """The compiled layers' graph count, whenever an epoch (training + validation) added graphs."""
         n = graph_count()
-        if n != getattr(self, "_graphs", 0) and self.ctx.is_main:
+        if n != self._graphs and self.ctx.is_main:
             log.info("fold %d epoch %d: compiled layers hold %d graph(s) (training and validation shapes)", self.fold + 1, epoch + 1, n)
         self._graphs = n
 
