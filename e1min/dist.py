@@ -277,14 +277,18 @@ def init_distributed(timeout_s: float = 300.0, device: str | None = None, init_m
     if forced and init_method is None and "MASTER_ADDR" not in os.environ:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
     if (world > 1 or forced) and not tdist.is_initialized():
-        tdist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
-            rank=rank,
-            world_size=world,
-            init_method=init_method,
-            **({"device_id": dev} if use_cuda else {}),
-        )
+        try:
+            tdist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                timeout=datetime.timedelta(seconds=timeout_s),
+                rank=rank,
+                world_size=world,
+                init_method=init_method,
+                **({"device_id": dev} if use_cuda else {}),
+            )
+        except (RuntimeError, ValueError) as e:  # a peer that never came up, a refused connection, a bad store
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DistributedError(f"rank {rank}/{world}: could not join the process group: {msg}") from e
     return ctx
 
 

@@ -77,6 +77,10 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.signum is not None:
+            # A stop is under way and the process is winding down: keep handling, so the launcher's copy of the
+            # same signal (arriving after the stop was saved) is still ignored rather than killing the process.
+            return
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
