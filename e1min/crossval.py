@@ -21,7 +21,7 @@ from e1min.data.folds import assign_folds, check_assignment, load_folds, save_fo
 from e1min.data.homology import Homology, fold_leakage, format_leakage, grouping_meta, make_folds
 from e1min.data.mmseqs import MMseqsError
 from e1min.data.msa import ContextProvider
-from e1min.dist import DistContext, init_distributed
+from e1min.dist import DistContext, init_distributed, launcher_warning
 from e1min.errors import E1minError
 from e1min.io import atomic_write_json, atomic_write_text
 from e1min.pages import build_run_report
@@ -232,6 +232,8 @@ def train_run(
             setup_logging(out, ctx.is_main)
             for n in notes:
                 log.info(n)
+            if ctx.is_main and (warning := launcher_warning()):
+                log.warning("%s", warning)
             if lock.took_over:
                 h = lock.took_over
                 log.info(

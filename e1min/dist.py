@@ -278,18 +278,56 @@ def init_distributed(timeout_s: float = 300.0, device: str | None = None, init_m
         init_method = f"tcp://127.0.0.1:{_free_port()}"
     if (world > 1 or forced) and not tdist.is_initialized():
         try:
+            store = attempt_store(world, timeout_s) if init_method is None else None
             tdist.init_process_group(
                 backend="nccl" if use_cuda else "gloo",
                 timeout=datetime.timedelta(seconds=timeout_s),
                 rank=rank,
                 world_size=world,
-                init_method=init_method,
+                init_method=None if store is not None else init_method,
+                store=store,
                 **({"device_id": dev} if use_cuda else {}),
             )
         except (RuntimeError, ValueError) as e:  # a peer that never came up, a refused connection, a bad store
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DistributedError(f"rank {rank}/{world}: could not join the process group: {msg}") from e
     return ctx
+
+
+def attempt_store(world_size: int, timeout_s: float) -> "tdist.Store | None":
+    """The process-group store for a worker that torchrun restarts on one node; None where env:// is safe.
+
+    torchrun (since torch 2.5) lends its workers the rendezvous TCPStore (``TORCHELASTIC_USE_AGENT_STORE=True``)
+    and keeps that store across ``--max-restarts`` restarts, under the same keys (pytorch/pytorch#135712): a
+    restarted group can read the dead group's gloo addresses or NCCL ids and connect to them (connection refused,
+    or a hang in process-group setup). One agent starts all its workers with the same
+    ``TORCHELASTIC_RESTART_COUNT``, so on one node a key prefix per restart separates the groups exactly. With
+    several nodes the counts can differ between agents (see ``launcher_warning``), so nothing is prefixed there.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        return None
+    base = tdist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return tdist.PrefixStore(f"e1min/attempt_{int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))}", base)
+
+
+def launcher_warning() -> str | None:
+    """A line for the run log when torchrun's restarts on several nodes may reuse a dead group's store keys."""
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and os.environ.get("GROUP_WORLD_SIZE", "1") != "1"
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    ):
+        return (
+            "torchrun --max-restarts on several nodes: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+            "environment, or a restarted group may read the dead group's addresses and fail to form (pytorch/pytorch#135712)"
+        )
+    return None
 
 
 def _free_port() -> int:

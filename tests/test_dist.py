@@ -181,3 +181,35 @@ def test_rank_device(monkeypatch):
         rank_device("cuda:1", 0, 2)
     with pytest.raises(DistributedError, match="4 CUDA device"):
         rank_device("cuda:7", 0, 1)
+
+
+def test_attempt_store_separates_torchrun_restarts(monkeypatch):
+    """torchrun keeps its shared store across restarts: each restart on one node gets its own key prefix, so a
+    restarted group never reads the dead group's addresses. Several nodes and torchrun's own store: no prefix."""
+    import datetime
+
+    import torch.distributed as tdist
+
+    from e1min.dist import attempt_store, launcher_warning
+
+    server = tdist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(server.port), "TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    server.set("rank_0", "address of the dead group")  # what an unprefixed restarted group would read
+    stores = {}
+    for attempt in (0, 1):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+        stores[attempt] = attempt_store(2, 10)
+        stores[attempt].set("rank_0", f"attempt {attempt}")
+    assert server.get("e1min/attempt_1/rank_0") == b"attempt 1"
+    assert stores[0].get("rank_0") == b"attempt 0" and stores[1].get("rank_0") == b"attempt 1"
+    assert server.get("rank_0") == b"address of the dead group"
+    assert launcher_warning() is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # workers host a fresh store each attempt
+    assert attempt_store(2, 10) is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")  # agents' restart counts can differ: no prefix, a warning instead
+    assert attempt_store(2, 10) is None
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in launcher_warning()
