@@ -1,7 +1,10 @@
 """The only module that talks to torch.distributed. Single-process behaviour is trivial.
 
 Launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT set) it joins a process group:
-NCCL on CUDA (device cuda:LOCAL_RANK), gloo on CPU. Every collective runs under a timeout, and a
+NCCL on CUDA (device cuda:LOCAL_RANK), gloo on CPU. Under NCCL a second, gloo group carries what lives on
+the host (token counts, flags, CPU tensors), so agreeing on them never waits for the GPU: a training step
+has no host sync, and the next step's batches are built while the GPU still works on this one.
+Every collective runs under a timeout, and a
 failed collective (dead or stuck peer) becomes a DistributedError naming the operation. A rank that
 fails on its own (an exception, CUDA out of memory) marks the context failed: it then skips the final
 barrier its peers would never join and aborts its NCCL communicator, so they fail fast instead of
@@ -39,6 +42,8 @@ class DistContext:
     failed: bool = False
     # A process group of one process (E1MIN_FORCE_DIST=1): collectives run through the backend anyway.
     forced: bool = False
+    # The gloo group for CPU tensors when the default group is NCCL; None: CPU tensors use the default group.
+    cpu_group: object = None
     # The tensors of the last few collectives (see _pin and destroy()).
     _recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8), repr=False)
 
@@ -68,13 +73,20 @@ class DistContext:
                 f"than {self.timeout_s:.0f}s, or disagreed): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
             ) from e
 
+    def _route(self, t: torch.Tensor) -> tuple[torch.device, object]:
+        """Where a collective on ``t`` runs: a CPU tensor stays on the host (the gloo group under NCCL)."""
+        if t.device.type == "cpu" and self.cpu_group is not None:
+            return t.device, self.cpu_group
+        return self.device, None
+
     def all_reduce(self, t: torch.Tensor, op: str = "sum", name: str = "all_reduce") -> torch.Tensor:
         """In-place all-reduce (``sum`` or ``max``) of a tensor; returns it (on its original device)."""
         if not self.distributed:
             return t
-        work = t.to(self.device)
+        device, group = self._route(t)
+        work = t.to(device)
         reduce_op = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX}[op]
-        self._run(name, tdist.all_reduce, work, op=reduce_op)
+        self._run(name, tdist.all_reduce, work, op=reduce_op, group=group)
         if work is not t:
             t.copy_(work)
         return t
@@ -115,19 +127,18 @@ class DistContext:
     def sync_gradients(self, params: Sequence[torch.nn.Parameter]) -> int:
         """Sum gradients over ranks with one flat all-reduce; returns the bytes sent per rank.
 
-        A parameter without a gradient contributes zeros plus a 0 "used" flag; one that no rank used
-        keeps ``grad = None`` so the optimiser leaves it alone. Not divided by world size: the losses
-        were already normalised by the global token counts.
+        A parameter without a gradient contributes zeros; one that no rank used (its "used" flags are
+        summed on the host, so the GPU is never waited for) keeps ``grad = None`` so the optimiser leaves it
+        alone. Not divided by world size: the losses were already normalised by the global token counts.
         """
         if not self.distributed:
             return 0
+        used_any = [n > 0 for n in self.sum_ints([p.grad is not None for p in params], "gradients_used")]
         grads = [p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
-        used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
-        flat = torch.cat([torch.cat(grads).to(self.device), used])
+        flat = torch.cat(grads).to(self.device)
         self._run("sync_gradients", tdist.all_reduce, flat, op=tdist.ReduceOp.SUM)
-        used_any = flat[-len(params) :] > 0
         offset = 0
-        for p, u in zip(params, used_any.tolist()):
+        for p, u in zip(params, used_any):
             n = p.numel()
             if u:
                 g = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
@@ -142,15 +153,16 @@ class DistContext:
         """Concatenate a 1-D or 2-D tensor of any per-rank length along dim 0, in rank order, on every rank."""
         if not self.distributed:
             return t
-        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=self.device)
+        device, group = self._route(t)
+        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=device)
         sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
-        self._run(name + ":sizes", tdist.all_gather, sizes, n)
+        self._run(name + ":sizes", tdist.all_gather, sizes, n, group=group)
         sizes_i = [int(s) for s in sizes]
         longest = max(sizes_i)
-        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=self.device)
-        padded[: t.shape[0]] = t.to(self.device)
+        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=device)
+        padded[: t.shape[0]] = t.to(device)
         parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
-        self._run(name, tdist.all_gather, parts, padded)
+        self._run(name, tdist.all_gather, parts, padded, group=group)
         return torch.cat([p[:s] for p, s in zip(parts, sizes_i)]).to(t.device)
 
     def check_replicas(self, params: Sequence[torch.Tensor], step: int) -> None:
@@ -288,6 +300,8 @@ def init_distributed(timeout_s: float = 300.0, device: str | None = None, init_m
                 store=store,
                 **({"device_id": dev} if use_cuda else {}),
             )
+            if use_cuda:
+                ctx.cpu_group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:  # a peer that never came up, a refused connection, a bad store
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DistributedError(f"rank {rank}/{world}: could not join the process group: {msg}") from e

@@ -54,6 +54,7 @@ def backward_window(
     *,
     bf16: bool | None = None,
     seeds: Sequence[int | None] | None = None,
+    host_stats: bool = True,
 ) -> torch.Tensor:
     """Forward + backward every micro-batch of one optimiser step (this rank's share of it).
 
@@ -63,7 +64,9 @@ def backward_window(
     (n_ions, 4): BCE sum, BCE tokens, MLM sum, MLM tokens. ``precision`` ``"bf16"`` autocasts the
     backbone only: heads and both loss terms are float32 (a bool is read as the old ``bf16`` flag).
     ``seeds``: one RNG seed per entry of ``batches``, set before its forward, so dropout depends on the
-    global micro-batch and not on which rank runs it (world-size invariance).
+    global micro-batch and not on which rank runs it (world-size invariance). ``host_stats=False`` leaves
+    the statistics on ``ctx.device``: no host sync, so the caller can build the next step's batches while
+    the GPU still computes this one (the trainer reads them only when it logs).
     """
     precision = _precision(bf16 if bf16 is not None else precision)
     real = [b for b in batches if b is not None]
@@ -91,7 +94,10 @@ def backward_window(
         i = ions.index(ion)
         sums[i] += torch.stack([terms.bce_sum.detach(), terms.mlm_sum.detach()]).double()
         counts[i] += torch.tensor([terms.bce_tokens, terms.mlm_tokens], dtype=torch.float64)
-    sums = sums.cpu()  # one device-to-host copy per optimiser step
+    if host_stats:
+        sums = sums.cpu()  # one device-to-host copy per optimiser step
+    else:
+        counts = (counts.pin_memory() if sums.device.type == "cuda" else counts).to(sums.device, non_blocking=True)
     return torch.stack([sums[:, 0], counts[:, 0], sums[:, 1], counts[:, 1]], dim=1)
 
 

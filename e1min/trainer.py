@@ -206,7 +206,8 @@ class FoldTrainer:
         self.model.train()
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)  # the epoch's own peak
-        stats = torch.zeros(len(self.ions), 4, dtype=torch.float64)  # per ion: bce sum, bce tokens, mlm sum, mlm tokens
+        # Per ion: bce sum, bce tokens, mlm sum, mlm tokens. Kept on the device, read only when a line is logged.
+        stats = torch.zeros(len(self.ions), 4, dtype=torch.float64, device=ctx.device)
         tokens, t0 = 0, time.time()
         start = self.state.window
         if start:  # resuming an epoch a signal stopped: its first `start` steps are done
@@ -217,7 +218,7 @@ class FoldTrainer:
                     f"accum_steps {partial.get('accum_steps')}; resume with the same, or use --restart-fold"
                 )
             if ctx.is_main:  # the saved sums are already over all ranks
-                stats += torch.tensor(partial["stats"], dtype=torch.float64)
+                stats += torch.tensor(partial["stats"], dtype=torch.float64).to(ctx.device)
             tokens, t0 = int(partial["tokens"]), t0 - float(partial["seconds"])
             log.info("fold %d epoch %d: continuing at step %d/%d", self.fold + 1, epoch + 1, start + 1, n_windows)
         for w in range(start, n_windows):
@@ -231,13 +232,13 @@ class FoldTrainer:
                 for j in range(len(window))
             ]
             tokens += sum(int((b["sequence_ids"] >= 0).sum()) for b, _ in filter(None, batches))
-            stats += backward_window(self.model, batches, ctx, self.loss_spec, self.precision, seeds=seeds)
+            stats += backward_window(self.model, batches, ctx, self.loss_spec, self.precision, seeds=seeds, host_stats=False)
             self.optimizer_step()
             if cfg.general.check_replicas_every and self.state.step % cfg.general.check_replicas_every == 0:
                 ctx.check_replicas(self.params, self.state.step)
             if ctx.is_main and ((w + 1) % cfg.general.log_every == 0 or w + 1 == n_windows):
                 elapsed = time.time() - t0
-                s = stats.sum(0)
+                s = stats.sum(0).tolist()
                 log.info(
                     "fold %d epoch %d/%d step %d/%d | bce %.4f mlm %.4f (rank 0) | lr %.2e | %.0f tok/s | ETA %s",
                     self.fold + 1,
@@ -253,7 +254,7 @@ class FoldTrainer:
                 )
             if self.stop_agreed():
                 self.stop_mid_epoch(epoch, w + 1, n_windows, stats, tokens, time.time() - t0)
-        ctx.all_reduce(stats, "sum", "train_loss_stats")
+        stats = ctx.all_reduce(stats, "sum", "train_loss_stats").cpu()
         seconds = time.time() - t0
         return {
             "tokens_per_s": tokens * ctx.world_size / max(seconds, 1e-9),

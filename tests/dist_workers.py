@@ -212,3 +212,38 @@ def worker_forced(rank, world, store, out):
     assert calls, "no collective ran"
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, out)
     ctx.destroy()
+
+
+def worker_train_host_group(rank, world, store, out):
+    """worker_train and validate with a second gloo group for host values, as under NCCL; records which group
+    each all_reduce / all_gather took."""
+    import torch.distributed as tdist
+
+    ctx = init(rank, world, store)
+    ctx.cpu_group = tdist.new_group(backend="gloo")
+    calls = []
+    real_reduce, real_gather = tdist.all_reduce, tdist.all_gather
+
+    def note(name, t, group):
+        calls.append([name, "host" if group is ctx.cpu_group else "default", list(t.shape), str(t.dtype)])
+
+    def all_reduce(t, *args, group=None, **kwargs):
+        note("all_reduce", t, group)
+        return real_reduce(t, *args, group=group, **kwargs)
+
+    def all_gather(outputs, t, *args, group=None, **kwargs):
+        note("all_gather", t, group)
+        return real_gather(outputs, t, *args, group=group, **kwargs)
+
+    tdist.all_reduce, tdist.all_gather = all_reduce, all_gather
+    try:
+        model = train_steps(ctx)
+        result = validate(ctx)
+    finally:
+        tdist.all_reduce, tdist.all_gather = real_reduce, real_gather
+    if rank == 0:
+        save_trainables(model, out)
+        with open(f"{out}.json", "w") as fh:
+            json.dump({"calls": calls, "validation": result}, fh)
+    ctx.barrier()
+    ctx.destroy()

@@ -213,3 +213,31 @@ def test_attempt_store_separates_torchrun_restarts(monkeypatch):
     assert attempt_store(2, 10) is None
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in launcher_warning()
+
+
+def test_host_values_go_through_the_host_group(tmp_path):
+    """Under NCCL, token counts, "used" flags and CPU tensors take a second (gloo) group, so agreeing on them never
+    waits for the GPU; gradients keep the default group. Same numbers as one process either way."""
+    out = tmp_path / "host_group.safetensors"
+    assert spawn(W.worker_train_host_group, 2, tmp_path, out) == [0, 0]
+    two = load_file(out)
+    torch.set_num_threads(1)
+    one = dict(W.train_steps(DistContext()).named_parameters())
+    for n, t in two.items():
+        assert torch.allclose(t, one[n].detach(), atol=1e-5), n
+    record = json.loads(out.with_name(out.name + ".json").read_text())
+    calls = {"host": [], "default": []}
+    for name, group, shape, dtype in record["calls"]:
+        calls[group].append((name, shape, dtype))
+    # Per step, on the default group: exactly one flat float32 gradient all-reduce, nothing else.
+    flat = sum(t.numel() for t in two.values())
+    assert calls["default"] == [("all_reduce", [flat], "torch.float32")] * 3
+    # On the host group: per step the token counts (2) and the "used" flag of every trainable parameter; the
+    # validation scores gathered from every rank.
+    assert calls["host"].count(("all_reduce", [2], "torch.int64")) == 3
+    assert calls["host"].count(("all_reduce", [len(two)], "torch.int64")) == 3
+    assert ("all_gather", [1], "torch.int64") in calls["host"]  # the sizes, then the float64 rows
+    assert any(name == "all_gather" and dtype == "torch.float64" for name, _, dtype in calls["host"])
+    one_val = W.validate(DistContext())
+    for a, b in zip(record["validation"]["probs"], one_val["probs"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -67,3 +67,14 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(1e-5, rel=0.05)
     assert lr_at(200, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
+
+
+def test_statistics_left_on_the_device_equal_the_host_ones(tiny_model):
+    """host_stats=False (the trainer: no host sync per step) returns the same statistics, on ctx.device."""
+    model = toy_binding_model(tiny_model)
+    batch = collate(toy_examples(3), masking=MaskingConfig(probability=0.3), seed=0, epoch=0)
+    spec, ctx = LossSpec({"ZN": 2.0}, 1.0), DistContext()
+    host = backward_window(model, [(batch, "ZN"), None], ctx, spec, seeds=[5, None])
+    kept = backward_window(model, [(batch, "ZN"), None], ctx, spec, seeds=[5, None], host_stats=False)
+    assert kept.device == ctx.device and kept.dtype == torch.float64
+    assert torch.equal(kept, host) and host[0, 1] > 0 and host[0, 3] > 0
