@@ -3,7 +3,8 @@
 Launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT set) it joins a process group:
 NCCL on CUDA (device cuda:LOCAL_RANK), gloo on CPU. Under NCCL a second, gloo group carries what lives on
 the host (token counts, flags, CPU tensors), so agreeing on them never waits for the GPU: a training step
-has no host sync, and the next step's batches are built while the GPU still works on this one.
+has no host sync, and the next step's batches are built while the GPU still works on this one
+(``E1MIN_HOST_GROUP=0`` turns it off where gloo cannot connect; see ``wants_host_group``).
 Every collective runs under a timeout, and a
 failed collective (dead or stuck peer) becomes a DistributedError naming the operation. A rank that
 fails on its own (an exception, CUDA out of memory) marks the context failed: it then skips the final
@@ -205,6 +206,7 @@ class DistContext:
             abort()
         else:
             tdist.destroy_process_group()
+        self.cpu_group = None  # no reference may keep the gloo group's threads alive into interpreter exit
         gc.collect()
         self._recent.clear()
 
@@ -300,12 +302,28 @@ def init_distributed(timeout_s: float = 300.0, device: str | None = None, init_m
                 store=store,
                 **({"device_id": dev} if use_cuda else {}),
             )
-            if use_cuda:
-                ctx.cpu_group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:  # a peer that never came up, a refused connection, a bad store
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DistributedError(f"rank {rank}/{world}: could not join the process group: {msg}") from e
+        if wants_host_group(use_cuda):
+            try:
+                ctx.cpu_group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            except (RuntimeError, ValueError) as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DistributedError(
+                    f"rank {rank}/{world}: could not form the gloo host group ({msg}); set GLOO_SOCKET_IFNAME to the network "
+                    "interface the ranks reach each other on, or E1MIN_HOST_GROUP=0 to keep host values on NCCL"
+                ) from e
     return ctx
+
+
+def wants_host_group(use_cuda: bool) -> bool:
+    """Whether a gloo group for host values joins the default one: under NCCL, unless ``E1MIN_HOST_GROUP=0`` (each
+    step then waits for the GPU a few times); ``E1MIN_HOST_GROUP=1`` forms it under gloo too (tests)."""
+    setting = os.environ.get("E1MIN_HOST_GROUP", "")
+    if setting not in ("", "0", "1"):
+        raise DistributedError(f"E1MIN_HOST_GROUP={setting!r}: give 0 or 1 (unset: on under NCCL)")
+    return use_cuda if setting == "" else setting == "1"
 
 
 def attempt_store(world_size: int, timeout_s: float) -> "tdist.Store | None":
@@ -338,8 +356,9 @@ def launcher_warning() -> str | None:
         and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
     ):
         return (
-            "torchrun --max-restarts on several nodes: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
-            "environment, or a restarted group may read the dead group's addresses and fail to form (pytorch/pytorch#135712)"
+            "torchrun --max-restarts on several nodes: use --rdzv-backend=c10d with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+            "torchrun's environment, or a restarted group may read the dead group's addresses and fail to form "
+            "(pytorch/pytorch#135712)"
         )
     return None
 

@@ -205,14 +205,30 @@ def test_attempt_store_separates_torchrun_restarts(monkeypatch):
     assert server.get("e1min/attempt_1/rank_0") == b"attempt 1"
     assert stores[0].get("rank_0") == b"attempt 0" and stores[1].get("rank_0") == b"attempt 1"
     assert server.get("rank_0") == b"address of the dead group"
-    assert launcher_warning() is None
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    assert launcher_warning() is None  # one node: the prefix separates the attempts
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # workers host a fresh store each attempt
     assert attempt_store(2, 10) is None
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("GROUP_WORLD_SIZE", "2")  # agents' restart counts can differ: no prefix, a warning instead
     assert attempt_store(2, 10) is None
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in launcher_warning()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert launcher_warning() is None
+
+
+def test_host_group_setting(monkeypatch):
+    from e1min.dist import DistributedError, wants_host_group
+
+    monkeypatch.delenv("E1MIN_HOST_GROUP", raising=False)
+    assert wants_host_group(True) and not wants_host_group(False)  # default: under NCCL only
+    monkeypatch.setenv("E1MIN_HOST_GROUP", "0")
+    assert not wants_host_group(True)
+    monkeypatch.setenv("E1MIN_HOST_GROUP", "1")
+    assert wants_host_group(False)
+    monkeypatch.setenv("E1MIN_HOST_GROUP", "yes")
+    with pytest.raises(DistributedError, match="E1MIN_HOST_GROUP='yes'"):
+        wants_host_group(True)
 
 
 def test_host_values_go_through_the_host_group(tmp_path):

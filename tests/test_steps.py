@@ -69,12 +69,16 @@ def test_lr_schedule():
     assert lr_at(200, 100, 10, 1e-3, 1e-5) == pytest.approx(1e-5)
 
 
-def test_statistics_left_on_the_device_equal_the_host_ones(tiny_model):
+def test_statistics_left_on_the_device_equal_the_host_ones(tiny_model, monkeypatch):
     """host_stats=False (the trainer: no host sync per step) returns the same statistics, on ctx.device."""
     model = toy_binding_model(tiny_model)
+    model.backbone.set_attn_impl("dense")  # the CPU block path reads its spans on the host, as it must
     batch = collate(toy_examples(3), masking=MaskingConfig(probability=0.3), seed=0, epoch=0)
     spec, ctx = LossSpec({"ZN": 2.0}, 1.0), DistContext()
     host = backward_window(model, [(batch, "ZN"), None], ctx, spec, seeds=[5, None])
-    kept = backward_window(model, [(batch, "ZN"), None], ctx, spec, seeds=[5, None], host_stats=False)
+    with monkeypatch.context() as m:  # a read back to the host is what host_stats=False must not do
+        for name in ("cpu", "tolist", "item", "numpy"):
+            m.setattr(torch.Tensor, name, lambda *a, _name=name, **k: pytest.fail(f"Tensor.{_name} called"))
+        kept = backward_window(model, [(batch, "ZN"), None], ctx, spec, seeds=[5, None], host_stats=False)
     assert kept.device == ctx.device and kept.dtype == torch.float64
     assert torch.equal(kept, host) and host[0, 1] > 0 and host[0, 3] > 0
