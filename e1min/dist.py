@@ -287,6 +287,7 @@ def init_distributed(timeout_s: float = 300.0, device: str | None = None, init_m
         torch.cuda.set_device(dev)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # the watchdog tears down a rank whose collective failed
     forced = world == 1 and os.environ.get("E1MIN_FORCE_DIST", "") not in ("", "0")
+    host_group = wants_host_group(use_cuda)
     ctx = DistContext(rank, world, local_rank, dev, timeout_s, forced=forced)
     if forced and init_method is None and "MASTER_ADDR" not in os.environ:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -305,7 +306,7 @@ def init_distributed(timeout_s: float = 300.0, device: str | None = None, init_m
         except (RuntimeError, ValueError) as e:  # a peer that never came up, a refused connection, a bad store
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DistributedError(f"rank {rank}/{world}: could not join the process group: {msg}") from e
-        if wants_host_group(use_cuda):
+        if host_group:
             try:
                 ctx.cpu_group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
             except (RuntimeError, ValueError) as e:
