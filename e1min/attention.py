@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from e1min.errors import E1minError
+from e1min.errors import E1minError, first_line
 from e1min.runtime import strict_recompiles
 
 try:
@@ -294,7 +294,7 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: "BlockMask") 
         if type(e).__name__ == "FailOnRecompileLimitHit":
             raise AttentionError(
                 f"FlexAttention hit torch.compile's recompile limit ({FLEX_RECOMPILE_LIMIT} graphs); refusing to fall back to "
-                f"unfused flex (it materialises the L x L scores): {str(e).splitlines()[0]}"
+                f"unfused flex (it materialises the L x L scores): {first_line(e)}"
             ) from e
         raise
     global _warned_graphs

@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import nn
 
-from e1min.errors import E1minError
+from e1min.errors import E1minError, first_line
 from e1min.runtime import strict_recompiles
 
 log = logging.getLogger("e1min")
@@ -46,7 +46,7 @@ def _guarded(compiled, name: str):
         except Exception as e:
             if type(e).__name__ == "FailOnRecompileLimitHit":
                 raise CompileError(
-                    f"compiled {name} hit torch.compile's recompile limit ({RECOMPILE_LIMIT} graphs): {str(e).splitlines()[0]}"
+                    f"compiled {name} hit torch.compile's recompile limit ({RECOMPILE_LIMIT} graphs): {first_line(e)}"
                 ) from e
             raise
 

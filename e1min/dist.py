@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
-from e1min.errors import E1minError
+from e1min.errors import E1minError, first_line
 
 
 class DistributedError(E1minError, RuntimeError):
@@ -71,7 +71,7 @@ class DistContext:
             self.failed = True
             raise DistributedError(
                 f"rank {self.rank}/{self.world_size}: collective '{name}' failed (a peer rank died, hung for more "
-                f"than {self.timeout_s:.0f}s, or disagreed): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                f"than {self.timeout_s:.0f}s, or disagreed): {first_line(e)}"
             ) from e
 
     def _route(self, t: torch.Tensor) -> tuple[torch.device, object]:
@@ -304,15 +304,13 @@ def init_distributed(timeout_s: float = 300.0, device: str | None = None, init_m
                 **({"device_id": dev} if use_cuda else {}),
             )
         except (RuntimeError, ValueError) as e:  # a peer that never came up, a refused connection, a bad store
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DistributedError(f"rank {rank}/{world}: could not join the process group: {msg}") from e
+            raise DistributedError(f"rank {rank}/{world}: could not join the process group: {first_line(e)}") from e
         if host_group:
             try:
                 ctx.cpu_group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
             except (RuntimeError, ValueError) as e:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise DistributedError(
-                    f"rank {rank}/{world}: could not form the gloo host group ({msg}); set GLOO_SOCKET_IFNAME to the network "
+                    f"rank {rank}/{world}: could not form the gloo host group ({first_line(e)}); set GLOO_SOCKET_IFNAME to the network "
                     "interface the ranks reach each other on, or E1MIN_HOST_GROUP=0 to keep host values on NCCL"
                 ) from e
     return ctx

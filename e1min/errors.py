@@ -14,3 +14,9 @@ class E1minError(Exception):
     The CLI prints its message on one line and exits 2; the message names the file, record or key.
     Anything else escaping e1min is a bug (or an environment failure) and keeps its traceback.
     """
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): for one-line errors."""
+    text = str(e)
+    return text.splitlines()[0] if text.strip() else type(e).__name__

@@ -312,7 +312,10 @@ def ion_panels(
     data["at_threshold"] = at_threshold(y, p, threshold)
     data["threshold_curve"] = threshold_data(y, p)
     at = data["at_threshold"]
-    mark = [{"x": at["recall"], "y": at["precision"], "label": f"{threshold_label} {at['threshold']:.3g}", "color": "#000"}] if at else []
+
+    def mark(x: str, y: str) -> list[dict[str, Any]]:  # the chosen threshold's point on a curve
+        return [{"x": at[x], "y": at[y], "label": f"{threshold_label} {at['threshold']:.3g}", "color": "#000"}] if at else []
+
     figs = [
         svg_chart(
             _pooled_and_groups(data["pr"], "recall", "precision", "auprc"),
@@ -322,7 +325,7 @@ def ion_panels(
             xlim=(0, 1),
             ylim=(0, 1.02),
             hlines=[{"y": pos_rate, "label": f"positive rate {pos_rate:.3f}"}] if pos_rate is not None else [],
-            marks=mark,
+            marks=mark("recall", "precision"),
             chart_id=f"pr-{ion}",
         )
     ]
@@ -335,7 +338,7 @@ def ion_panels(
             xlim=(0, 1),
             ylim=(0, 1.02),
             diagonal=True,
-            marks=[{"x": at["fpr"], "y": at["recall"], "label": f"{threshold_label} {at['threshold']:.3g}", "color": "#000"}] if at else [],
+            marks=mark("fpr", "recall"),
             chart_id=f"roc-{ion}",
         )
     )

@@ -127,3 +127,10 @@ def test_programming_errors_stay_plain():
     with pytest.raises(ValueError) as e:
         sliding_windows(0, 10)
     assert not isinstance(e.value, E1minError)
+
+
+def test_first_line_of_an_error():
+    from e1min.errors import first_line
+
+    assert first_line(RuntimeError("connectFullMesh failed\n  at pair.cc:152")) == "connectFullMesh failed"
+    assert first_line(RuntimeError()) == "RuntimeError" and first_line(ValueError("\n")) == "ValueError"
